@@ -1,0 +1,53 @@
+"""sslloss_jax: self-supervised-learning losses as pure, distributed-exact JAX functions.
+
+Every loss is a plain function: arrays positional, hyperparameters keyword-only, state
+(if any) an explicit ``NamedTuple`` passed in and returned, and ``axis_name`` to run it on
+a sharded batch with the value and gradients of the global batch. See the README and
+``docs/ARCHITECTURE.md`` for the contract.
+"""
+
+from sslloss_jax._contrastive import dcl_loss as dcl_loss
+from sslloss_jax._contrastive import dclw_loss as dclw_loss
+from sslloss_jax._contrastive import negative_mises_fisher_weights as negative_mises_fisher_weights
+from sslloss_jax._contrastive import ntxent_loss as ntxent_loss
+from sslloss_jax._contrastive import ntxent_memory_bank_loss as ntxent_memory_bank_loss
+from sslloss_jax._memory_bank import MemoryBankState as MemoryBankState
+from sslloss_jax._memory_bank import init_memory_bank as init_memory_bank
+from sslloss_jax._memory_bank import memory_bank_enqueue as memory_bank_enqueue
+from sslloss_jax._redundancy import BarlowTwinsTerms as BarlowTwinsTerms
+from sslloss_jax._redundancy import VICRegTerms as VICRegTerms
+from sslloss_jax._redundancy import barlow_twins_loss as barlow_twins_loss
+from sslloss_jax._redundancy import barlow_twins_terms as barlow_twins_terms
+from sslloss_jax._redundancy import vicreg_loss as vicreg_loss
+from sslloss_jax._redundancy import vicreg_terms as vicreg_terms
+from sslloss_jax._similarity import alignment_loss as alignment_loss
+from sslloss_jax._similarity import hypersphere_loss as hypersphere_loss
+from sslloss_jax._similarity import negative_cosine_similarity as negative_cosine_similarity
+from sslloss_jax._similarity import (
+    sym_negative_cosine_similarity_loss as sym_negative_cosine_similarity_loss,
+)
+from sslloss_jax._similarity import uniformity_loss as uniformity_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BarlowTwinsTerms",
+    "MemoryBankState",
+    "VICRegTerms",
+    "alignment_loss",
+    "barlow_twins_loss",
+    "barlow_twins_terms",
+    "dcl_loss",
+    "dclw_loss",
+    "hypersphere_loss",
+    "init_memory_bank",
+    "memory_bank_enqueue",
+    "negative_cosine_similarity",
+    "negative_mises_fisher_weights",
+    "ntxent_loss",
+    "ntxent_memory_bank_loss",
+    "sym_negative_cosine_similarity_loss",
+    "uniformity_loss",
+    "vicreg_loss",
+    "vicreg_terms",
+]

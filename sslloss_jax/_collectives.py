@@ -1,0 +1,144 @@
+"""Collectives over an optional named axis: the only place losses talk to other devices.
+
+Every helper takes ``axis_name`` (``None``, a name, or a tuple of names) and degenerates to
+the local computation when it is ``None``. Inside ``jax.shard_map``, ``jax.pmap`` or a
+named ``jax.vmap`` they reduce over the devices of that axis.
+
+Gradient routing: ``lax.all_gather`` transposes to ``psum_scatter`` and ``lax.psum`` to a
+broadcast, so a loss written as "local rows against gathered columns, then ``psum`` of the
+local sum divided by the global count" has exactly the gradient of the single-device
+global-batch loss under ``shard_map`` (see ``docs/ARCHITECTURE.md`` for the pmap recipe).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sslloss_jax._types import AxisName
+
+__all__ = [
+    "axis_size",
+    "axis_index",
+    "all_gather",
+    "all_gather_invariant",
+    "psum",
+    "pmax",
+    "global_mean",
+    "global_logsumexp",
+    "Moments",
+    "global_moments",
+]
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """Number of participants of ``axis_name`` (1 for ``None``); static at trace time."""
+    if axis_name is None:
+        return 1
+    return int(lax.axis_size(axis_name))
+
+
+def axis_index(axis_name: AxisName) -> jax.Array | int:
+    """This participant's index along ``axis_name`` (0 for ``None``)."""
+    if axis_name is None:
+        return 0
+    return lax.axis_index(axis_name)
+
+
+def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Concatenates every participant's ``x`` along axis 0 (differentiable).
+
+    The result is ordered by ``axis_index``, so this participant's rows start at
+    ``axis_index(axis_name) * x.shape[0]``.
+    """
+    if axis_name is None:
+        return x
+    return lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def all_gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Like :func:`all_gather` for values that carry no gradient (state updates).
+
+    The result is provably identical on every participant (a ``psum`` of zero-padded
+    blocks), so it can be returned with a replicated ``out_specs=P()`` from a
+    ``shard_map`` with ``check_vma=True`` on every supported JAX version and also works
+    under ``pmap`` and named ``vmap``. Only meant for small arrays such as a batch that
+    is enqueued into a memory bank.
+    """
+    x = lax.stop_gradient(x)
+    if axis_name is None:
+        return x
+    n = axis_size(axis_name)
+    b = x.shape[0]
+    full = jnp.zeros((n * b, *x.shape[1:]), x.dtype)
+    full = lax.dynamic_update_slice_in_dim(full, x, axis_index(axis_name) * b, axis=0)
+    return lax.psum(full, axis_name)
+
+
+def psum(x, axis_name: AxisName):
+    """``lax.psum`` that is the identity for ``axis_name=None`` (works on pytrees)."""
+    if axis_name is None:
+        return x
+    return lax.psum(x, axis_name)
+
+
+def pmax(x, axis_name: AxisName):
+    """``lax.pmax`` that is the identity for ``axis_name=None``. Not differentiable:
+    only use it on ``stop_gradient`` values (shifts, thresholds)."""
+    if axis_name is None:
+        return x
+    return lax.pmax(lax.stop_gradient(x), axis_name)
+
+
+def global_mean(local_sum: jax.Array, local_count: int, axis_name: AxisName) -> jax.Array:
+    """``psum(local_sum) / (local_count * axis_size)``: the mean over the global batch.
+
+    ``local_count`` is static and equal on every participant (shard_map blocks have equal
+    shapes), so the global count is known without a collective.
+    """
+    return psum(local_sum, axis_name) / (local_count * axis_size(axis_name))
+
+
+def global_logsumexp(lse_local: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Combines per-participant log-sum-exps into the global one (differentiable).
+
+    ``log Σ_d exp(lse_d)`` with a stop-gradient max shift, so it is exact and stable
+    whatever the magnitudes; ``-inf`` entries are allowed.
+    """
+    if axis_name is None:
+        return lse_local
+    m = pmax(lse_local, axis_name)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m + jnp.log(psum(jnp.exp(lse_local - m), axis_name))
+
+
+class Moments(NamedTuple):
+    """First and second central moments of a global batch (per feature)."""
+
+    mean: jax.Array  # shape x.shape[1:]
+    m2: jax.Array  # Σ_n (x_n - mean)², shape x.shape[1:]
+    count: int  # global number of samples (static)
+
+
+def global_moments(x: jax.Array, axis_name: AxisName) -> Moments:
+    """Mean and centered sum of squares over axis 0 of the global batch.
+
+    Each participant computes its local mean and centered sum of squares (two-pass, so
+    no cancellation), and one ``all_gather`` of the stacked pair lets everyone combine
+    them with Chan et al.'s parallel formula
+    ``M2 = Σ_d M2_d + b Σ_d (mean_d - mean)²``. Differentiable; exact up to round-off
+    with respect to the single-device two-pass statistics.
+    """
+    b = x.shape[0]
+    mean_local = jnp.mean(x, axis=0)
+    m2_local = jnp.sum(jnp.square(x - mean_local), axis=0)
+    if axis_name is None:
+        return Moments(mean_local, m2_local, b)
+    stats = lax.all_gather(jnp.stack([mean_local, m2_local]), axis_name, axis=0)
+    means, m2s = stats[:, 0], stats[:, 1]
+    mean = jnp.mean(means, axis=0)
+    m2 = jnp.sum(m2s, axis=0) + b * jnp.sum(jnp.square(means - mean), axis=0)
+    return Moments(mean, m2, b * stats.shape[0])

@@ -1,0 +1,91 @@
+"""Numerical primitives shared by every loss (one home for each of them).
+
+Policy: similarity matrices, softmax / logsumexp, norms and batch statistics are computed
+in at least float32 (float64 stays float64), whatever the input dtype; norms and square
+roots have finite gradients at zero; masked reductions use ``where=`` rather than large
+constants, so half precision cannot overflow.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "compute_dtype",
+    "upcast",
+    "safe_norm",
+    "safe_sqrt",
+    "l2_normalize",
+    "cosine_similarity",
+    "masked_logsumexp",
+    "offdiag_sq_sum",
+    "cross_diag",
+]
+
+
+def compute_dtype(*xs: jax.Array) -> jnp.dtype:
+    """The dtype losses compute in: the inputs' result type promoted to >= float32."""
+    dtype = jnp.result_type(*[x.dtype for x in xs])
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def upcast(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """Casts every input to the common :func:`compute_dtype`."""
+    dtype = compute_dtype(*xs)
+    return tuple(x.astype(dtype) for x in xs)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(max(x, 0))`` whose gradient is 0 (not inf/NaN) where ``x <= 0``."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def safe_norm(x: jax.Array, axis: int | tuple[int, ...] = -1, keepdims: bool = False):
+    """Euclidean norm with a zero (finite) gradient at the origin."""
+    return safe_sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """``x / max(‖x‖, eps)`` as ``torch.nn.functional.normalize``, in >= float32.
+
+    Finite gradients everywhere, including at ``x = 0`` (where the output is 0).
+    """
+    (x,) = upcast(x)
+    return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
+
+
+def cosine_similarity(x0: jax.Array, x1: jax.Array, axis: int = -1, eps: float = 1e-8):
+    """``⟨x0, x1⟩ / (max(‖x0‖, eps) · max(‖x1‖, eps))`` along ``axis`` (torch semantics)."""
+    return jnp.sum(l2_normalize(x0, axis, eps) * l2_normalize(x1, axis, eps), axis=axis)
+
+
+def masked_logsumexp(logits: jax.Array, where: jax.Array | None, axis: int = -1) -> jax.Array:
+    """``log Σ_{j: where_j} exp(logits_j)`` in >= float32 with a stop-gradient max shift.
+
+    Entries outside ``where`` neither contribute to the value nor receive gradient, and
+    their values may be anything (including inf/NaN). A row with no valid entry gives
+    ``-inf`` with a zero gradient.
+    """
+    (logits,) = upcast(logits)
+    if where is None:
+        return jax.nn.logsumexp(logits, axis=axis)
+    safe = jnp.where(where, logits, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(safe, axis=axis, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    s = jnp.sum(jnp.where(where, jnp.exp(safe - m), 0.0), axis=axis)
+    return jnp.log(s) + jnp.squeeze(m, axis)
+
+
+def offdiag_sq_sum(c: jax.Array) -> jax.Array:
+    """Σ_{i≠j} c_ij² over the last two axes (exact masking, no cancellation)."""
+    d = c.shape[-1]
+    mask = ~jnp.eye(d, dtype=bool)
+    return jnp.sum(jnp.where(mask, jnp.square(c), 0.0), axis=(-2, -1))
+
+
+def cross_diag(a: jax.Array, b: jax.Array) -> jax.Array:
+    """diag(aᵀb) for a, b of shape (N, ..., D): Σ_n a[n]·b[n] per feature, shape (..., D)."""
+    return jnp.sum(a * b, axis=0)

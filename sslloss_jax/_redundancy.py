@@ -1,0 +1,257 @@
+"""Redundancy-reduction losses: Barlow Twins and VICReg.
+
+Both need, over the global batch, the diagonal and the off-diagonal sum of squares of a
+cross-correlation / covariance matrix ``c = s · Σ_n a_nᵀ b_n`` (D × D). When the global
+batch N is smaller than D they are computed from N × N Gram matrices instead,
+``‖aᵀb‖²_F = ⟨a aᵀ, b bᵀ⟩_F``: O(N²D) instead of O(ND²) time and memory, gradients
+included (:func:`correlation_stats`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sslloss_jax import _collectives as coll
+from sslloss_jax import _validation as val
+from sslloss_jax._numerics import offdiag_sq_sum, safe_sqrt, upcast
+from sslloss_jax._types import ArrayLike, AxisName
+
+__all__ = [
+    "BarlowTwinsTerms",
+    "barlow_twins_terms",
+    "barlow_twins_loss",
+    "VICRegTerms",
+    "vicreg_terms",
+    "vicreg_loss",
+    "correlation_stats",
+]
+
+
+def correlation_stats(
+    a: jax.Array,
+    b: jax.Array | None,
+    scale: float,
+    axis_name: AxisName,
+    *,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Diagonal and off-diagonal square sum of ``c = scale · Σ_n a_nᵀ b_n`` (global batch).
+
+    Args:
+      a: ``[batch, M, D]`` local rows (M independent matrices, D features).
+      b: same shape as ``a``, or ``None`` for ``b = a`` (a covariance).
+      scale: the factor ``s`` (e.g. ``1/N``).
+      axis_name: optional axis; the sum over n runs over the global batch.
+      method: ``"gram"`` (N × N Gram matrices of the gathered batch), ``"feature"``
+        (D × D matrix, ``psum``-reduced) or ``"auto"``: Gram when the global N < D.
+
+    Returns:
+      ``(diag [M, D], offdiag_sq [M])`` where ``offdiag_sq = Σ_{i≠j} c_ij²``.
+    """
+    n_global = a.shape[0] * coll.axis_size(axis_name)
+    d = a.shape[-1]
+    bb = a if b is None else b
+    diag = coll.psum(jnp.sum(a * bb, axis=0), axis_name) * scale
+    if method == "gram" or (method == "auto" and n_global < d):
+        ga = jnp.einsum("imd,jmd->mij", a, coll.all_gather(a, axis_name))
+        gb = ga if b is None else jnp.einsum("imd,jmd->mij", b, coll.all_gather(b, axis_name))
+        frob = coll.psum(jnp.sum(ga * gb, axis=(1, 2)), axis_name) * scale**2
+        return diag, frob - jnp.sum(jnp.square(diag), axis=-1)
+    c = coll.psum(jnp.einsum("imc,imd->mcd", a, bb), axis_name) * scale
+    return diag, offdiag_sq_sum(c)
+
+
+class BarlowTwinsTerms(NamedTuple):
+    """Unweighted Barlow Twins terms; the loss is ``invariance + lambda_param·redundancy``."""
+
+    invariance: jax.Array  # Σ_i (1 − c_ii)²
+    redundancy: jax.Array  # Σ_{i≠j} c_ij²
+
+
+_BARLOW_MODES = ("batch_norm", "pearson", "none")
+
+
+def _standardize(z: jax.Array, mode: str, eps: float, axis_name: AxisName):
+    """Returns (ẑ, scale) such that c = scale · ẑ_aᵀ ẑ_b for the given mode."""
+    mom = coll.global_moments(z, axis_name)
+    if mode == "batch_norm":  # F.batch_norm(training=True): biased variance + eps
+        return (z - mom.mean) / jnp.sqrt(mom.m2 / mom.count + eps), 1.0 / mom.count
+    if mode == "pearson":  # unbiased std, /(N-1): the exact Pearson correlation
+        std = safe_sqrt(mom.m2 / (mom.count - 1))
+        ok = std > 0
+        return jnp.where(ok, (z - mom.mean) / jnp.where(ok, std, 1.0), 0.0), 1.0 / (mom.count - 1)
+    return z, 1.0 / mom.count  # "none": already normalized outside (fovi's external BN)
+
+
+def barlow_twins_terms(
+    z_a: ArrayLike,
+    z_b: ArrayLike,
+    *,
+    normalize: Literal["batch_norm", "pearson", "none"] = "batch_norm",
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> BarlowTwinsTerms:
+    """The two Barlow Twins terms; see :func:`barlow_twins_loss` for the arguments."""
+    val.check_axis_name(axis_name)
+    if normalize not in _BARLOW_MODES:
+        raise ValueError(f"normalize must be one of {_BARLOW_MODES}, got {normalize!r}")
+    z_a = val.as_float_array(z_a, "z_a", ndim=2)
+    z_b = val.as_float_array(z_b, "z_b", ndim=2)
+    val.check_same_shape(z_a, z_b, "z_a", "z_b")
+    if normalize != "none":
+        val.check_min_batch(
+            z_a.shape[0] * coll.axis_size(axis_name), 2, f"Barlow Twins ({normalize})",
+            z_a.shape,
+        )
+    z_a, z_b = upcast(z_a, z_b)
+    a, scale = _standardize(z_a, normalize, eps, axis_name)
+    b, _ = _standardize(z_b, normalize, eps, axis_name)
+    diag, off = correlation_stats(a[:, None], b[:, None], scale, axis_name, method=method)
+    return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)), off[0])
+
+
+def barlow_twins_loss(
+    z_a: ArrayLike,
+    z_b: ArrayLike,
+    *,
+    lambda_param: ArrayLike = 5e-3,
+    normalize: Literal["batch_norm", "pearson", "none"] = "batch_norm",
+    eps: float = 1e-5,
+    axis_name: AxisName = None,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> jax.Array:
+    r"""Barlow Twins redundancy-reduction loss.
+
+    .. math::
+        c = \frac{1}{N}\hat z_a^\top \hat z_b,\qquad
+        L = \sum_i (1 - c_{ii})^2 + \lambda \sum_{i\ne j} c_{ij}^2
+
+    where each branch is standardized per feature over the batch.
+
+    Args:
+      z_a, z_b: ``[batch, dim]`` projections.
+      lambda_param: λ, weight of the redundancy term (may be traced).
+      normalize: ``"batch_norm"`` (lightly and the official code: biased variance plus
+        ``eps``, ``c = ẑ_aᵀẑ_b/N``); ``"pearson"`` (nidl: unbiased std,
+        ``c = ẑ_aᵀẑ_b/(N−1)``, constant features give 0 instead of NaN); ``"none"``
+        (fovi: inputs already batch-normalized by the model, ``c = z_aᵀz_b/N``).
+      eps: variance epsilon of ``"batch_norm"``.
+      axis_name: optional axis. Standardization statistics and ``c`` are **global**, as the
+        official code's SyncBatchNorm + all_reduce, so the loss equals the single-device
+        loss of the global batch on every device.
+      method: how the off-diagonal term is computed: ``"auto"`` picks N × N Gram matrices
+        when the global batch N < dim (O(N²·D)) and the D × D matrix otherwise (O(N·D²));
+        same value either way up to round-off.
+
+    Returns:
+      Scalar loss (a sum over features, not a mean).
+
+    Differences from lightly: under ``axis_name`` the batch statistics are global (lightly
+    standardizes each rank's batch separately and averages ``c``, which differs from the
+    global-batch loss unless every rank holds the same data).
+
+    References:
+      Zbontar et al., `Barlow Twins: Self-Supervised Learning via Redundancy Reduction
+      <https://arxiv.org/abs/2103.03230>`_, 2021.
+    """
+    val.check_scalar_param(lambda_param, "lambda_param")
+    terms = barlow_twins_terms(
+        z_a, z_b, normalize=normalize, eps=eps, axis_name=axis_name, method=method
+    )
+    return terms.invariance + lambda_param * terms.redundancy
+
+
+class VICRegTerms(NamedTuple):
+    """Unweighted VICReg terms; the loss is ``λ·invariance + μ·variance + ν·covariance``."""
+
+    invariance: jax.Array  # mean squared error between the branches
+    variance: jax.Array  # ½ (hinge_a + hinge_b), hinge = mean relu(γ − sqrt(var + eps))
+    covariance: jax.Array  # cov_a + cov_b, cov = Σ_{i≠j} C_ij² / D
+
+
+def vicreg_terms(
+    z_a: ArrayLike,
+    z_b: ArrayLike,
+    *,
+    eps: float = 1e-4,
+    gamma: ArrayLike = 1.0,
+    axis_name: AxisName = None,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> VICRegTerms:
+    """The three unweighted VICReg terms; see :func:`vicreg_loss` for the arguments."""
+    val.check_axis_name(axis_name)
+    val.check_scalar_param(gamma, "gamma")
+    val.check_in_range(eps, "eps", 0.0, None)
+    z_a = val.as_float_array(z_a, "z_a", min_ndim=2)
+    z_b = val.as_float_array(z_b, "z_b", min_ndim=2)
+    val.check_same_shape(z_a, z_b, "z_a", "z_b")
+    n = z_a.shape[0] * coll.axis_size(axis_name)
+    val.check_min_batch(n, 2, "VICReg (unbiased variance)", z_a.shape)
+    z_a, z_b = upcast(z_a, z_b)
+    invariance = coll.global_mean(jnp.sum(jnp.square(z_a - z_b)), z_a.size, axis_name)
+
+    def var_cov(z):
+        z = z.reshape(z.shape[0], -1, z.shape[-1])  # (B, M, D)
+        mom = coll.global_moments(z, axis_name)
+        std = jnp.sqrt(mom.m2 / (n - 1) + eps)
+        var = jnp.mean(jax.nn.relu(gamma - std))
+        _, off = correlation_stats(z - mom.mean, None, 1.0 / (n - 1), axis_name, method=method)
+        return var, jnp.mean(off) / z.shape[-1]
+
+    (var_a, cov_a), (var_b, cov_b) = var_cov(z_a), var_cov(z_b)
+    return VICRegTerms(invariance, 0.5 * (var_a + var_b), cov_a + cov_b)
+
+
+def vicreg_loss(
+    z_a: ArrayLike,
+    z_b: ArrayLike,
+    *,
+    lambda_param: ArrayLike = 25.0,
+    mu_param: ArrayLike = 25.0,
+    nu_param: ArrayLike = 1.0,
+    eps: float = 1e-4,
+    gamma: ArrayLike = 1.0,
+    axis_name: AxisName = None,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> jax.Array:
+    r"""VICReg: variance-invariance-covariance regularization.
+
+    .. math::
+        L = \lambda\,\frac{1}{N}\sum_n\lVert z_{a,n}-z_{b,n}\rVert^2/D
+          + \mu\,\tfrac12\left(v(z_a)+v(z_b)\right) + \nu\left(c(z_a)+c(z_b)\right)
+
+    with :math:`v(z) = \operatorname{mean}_d \operatorname{relu}(\gamma - \sqrt{\operatorname{Var}(z_d)+\epsilon})`
+    (unbiased variance) and :math:`c(z) = \sum_{i\ne j} C_{ij}^2/D` of the unbiased
+    covariance matrix C. Inputs of shape ``[batch, ..., dim]`` (as lightly) get one
+    covariance matrix per position of the middle axes, averaged.
+
+    Args:
+      z_a, z_b: ``[batch, ..., dim]`` projections (batch >= 2 globally).
+      lambda_param, mu_param, nu_param: weights of the invariance, variance and covariance
+        terms (may be traced).
+      eps: added to the variance before the square root.
+      gamma: target standard deviation of the hinge (quadra's ``gamma``; 1 in the paper).
+      axis_name: optional axis; **all three** terms use the global batch (lightly computes
+        the invariance term on the local batch), so the result equals the single-device
+        global-batch loss.
+      method: as in :func:`barlow_twins_loss` (Gram matrices when the global batch < dim).
+
+    Returns:
+      Scalar loss. :func:`vicreg_terms` returns the unweighted terms (fovi's
+      ``return_only_loss=False``; fovi's components are the weighted ones).
+
+    To reproduce quadra's ``VICRegLoss(lambd, mu, nu, gamma)``, whose variance terms are
+    summed rather than averaged, pass ``mu_param=2 * mu``.
+
+    References:
+      Bardes et al., `VICReg: Variance-Invariance-Covariance Regularization for
+      Self-Supervised Learning <https://arxiv.org/abs/2105.04906>`_, 2022.
+    """
+    for name, v in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
+        val.check_scalar_param(v, name)
+    t = vicreg_terms(z_a, z_b, eps=eps, gamma=gamma, axis_name=axis_name, method=method)
+    return lambda_param * t.invariance + mu_param * t.variance + nu_param * t.covariance

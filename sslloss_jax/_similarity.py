@@ -1,0 +1,196 @@
+"""Similarity-based losses without negatives: negative cosine (SimSiam/BYOL) and the
+hypersphere alignment/uniformity losses (Wang & Isola)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sslloss_jax import _collectives as coll
+from sslloss_jax import _validation as val
+from sslloss_jax._numerics import cosine_similarity, l2_normalize, masked_logsumexp, upcast
+from sslloss_jax._types import ArrayLike, AxisName
+
+__all__ = [
+    "negative_cosine_similarity",
+    "sym_negative_cosine_similarity_loss",
+    "alignment_loss",
+    "uniformity_loss",
+    "hypersphere_loss",
+]
+
+
+def _batch_mean(per_sample: jax.Array, axis_name: AxisName) -> jax.Array:
+    """Mean of all entries; under ``axis_name`` the mean over the global batch."""
+    return coll.global_mean(jnp.sum(per_sample), per_sample.size, axis_name)
+
+
+def negative_cosine_similarity(
+    x0: ArrayLike,
+    x1: ArrayLike,
+    *,
+    axis: int = 1,
+    eps: float = 1e-8,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""``−mean cos(x0, x1)`` along ``axis`` (SimSiam / BYOL criterion).
+
+    .. math:: L = -\operatorname{mean}\frac{\langle x_0, x_1\rangle}
+              {\max(\lVert x_0\rVert,\epsilon)\max(\lVert x_1\rVert,\epsilon)}
+
+    No stop-gradient (as lightly's ``NegativeCosineSimilarity``); use
+    :func:`sym_negative_cosine_similarity_loss` for the SimSiam form that detaches the
+    targets.
+
+    Args:
+      x0, x1: arrays of the same rank whose shapes are equal or broadcast through size-1
+        axes (batch first).
+      axis: the feature axis the cosine is taken over (lightly's ``dim``).
+      eps: lower bound of each norm.
+      axis_name: optional axis; the mean is then over the global batch.
+
+    Returns:
+      Scalar loss in ``[-1, 1]``.
+    """
+    val.check_axis_name(axis_name)
+    x0 = val.as_float_array(x0, "x0", min_ndim=1)
+    x1 = val.as_float_array(x1, "x1", min_ndim=1)
+    if x0.ndim != x1.ndim:
+        raise ValueError(f"x0 and x1 must have the same rank, got {x0.shape} and {x1.shape}")
+    try:
+        jnp.broadcast_shapes(x0.shape, x1.shape)
+    except ValueError as err:
+        raise ValueError(f"x0 and x1 shapes must broadcast, got {x0.shape} and {x1.shape}") from err
+    if not -x0.ndim <= axis < x0.ndim:
+        raise ValueError(f"axis {axis} is out of range for inputs of rank {x0.ndim}")
+    return -_batch_mean(cosine_similarity(x0, x1, axis=axis, eps=eps), axis_name)
+
+
+def _unpack_pair(out: Sequence[ArrayLike], name: str) -> tuple[ArrayLike, ArrayLike]:
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"{name} must be a pair (z, p), got {type(out).__name__}")
+    return out[0], out[1]
+
+
+def sym_negative_cosine_similarity_loss(
+    out0: Sequence[ArrayLike],
+    out1: Sequence[ArrayLike],
+    *,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Symmetrized SimSiam loss with stop-gradient on the projections ``z``.
+
+    .. math:: L = -\tfrac12\cos(p_0, \mathrm{sg}(z_1)) - \tfrac12\cos(p_1, \mathrm{sg}(z_0))
+
+    Args:
+      out0: ``(z0, p0)``: projection and prediction of view 0, each ``[batch, dim]``.
+      out1: ``(z1, p1)`` for view 1.
+      axis_name: optional axis; mean over the global batch.
+
+    Returns:
+      Scalar loss (lightly's deprecated ``SymNegCosineSimilarityLoss``, eps 1e-8).
+    """
+    z0, p0 = _unpack_pair(out0, "out0")
+    z1, p1 = _unpack_pair(out1, "out1")
+    arrays = {n: val.as_float_array(a, n, ndim=2) for n, a in
+              (("z0", z0), ("p0", p0), ("z1", z1), ("p1", p1))}
+    for n in ("p0", "z1", "p1"):
+        val.check_same_shape(arrays["z0"], arrays[n], "z0", n)
+    kw = dict(axis=-1, axis_name=axis_name)
+    return 0.5 * negative_cosine_similarity(arrays["p0"], lax.stop_gradient(arrays["z1"]), **kw) \
+        + 0.5 * negative_cosine_similarity(arrays["p1"], lax.stop_gradient(arrays["z0"]), **kw)
+
+
+def _safe_pow(sq: jax.Array, alpha: ArrayLike) -> jax.Array:
+    """``(sq)^(alpha/2)`` for ``sq >= 0`` with a finite (zero) gradient at ``sq = 0``."""
+    pos = sq > 0
+    return jnp.where(pos, jnp.power(jnp.where(pos, sq, 1.0), alpha / 2.0), 0.0)
+
+
+def alignment_loss(
+    x: ArrayLike, y: ArrayLike, *, alpha: ArrayLike = 2.0, axis_name: AxisName = None
+) -> jax.Array:
+    r"""Alignment ``mean_i ‖x_i − y_i‖^α`` (Wang & Isola; quadra's ``align_loss``).
+
+    Inputs are used as given (normalize them first, as the paper does).
+
+    Args:
+      x, y: ``[batch, dim]``.
+      alpha: exponent α > 0.
+      axis_name: optional axis; mean over the global batch.
+    """
+    val.check_axis_name(axis_name)
+    val.check_in_range(alpha, "alpha", 0.0, None, low_inclusive=False)
+    x = val.as_float_array(x, "x", ndim=2)
+    y = val.as_float_array(y, "y", ndim=2)
+    val.check_same_shape(x, y, "x", "y")
+    x, y = upcast(x, y)
+    sq = jnp.sum(jnp.square(x - y), axis=1)
+    return _batch_mean(_safe_pow(sq, alpha), axis_name)
+
+
+def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = None) -> jax.Array:
+    r"""Uniformity ``log mean_{i≠j} exp(−t‖x_i − x_j‖²)`` (Wang & Isola; quadra's ``uniform_loss``).
+
+    Computed from Gram matrices as a masked logsumexp (stable for any t), over the pairs
+    of the global batch under ``axis_name``. Defined for a batch of one (no pairs): 0.
+
+    Args:
+      x: ``[batch, dim]`` (normalize first, as the paper does).
+      t: the kernel scale (quadra / paper default 2; lightly's hypersphere uses 1).
+      axis_name: optional axis.
+    """
+    val.check_axis_name(axis_name)
+    val.check_scalar_param(t, "t")
+    x = val.as_float_array(x, "x", ndim=2)
+    (x,) = upcast(x)
+    b = x.shape[0]
+    n = b * coll.axis_size(axis_name)
+    if n < 2:
+        return jnp.zeros((), x.dtype)
+    keys = coll.all_gather(x, axis_name)
+    sq_local = jnp.sum(jnp.square(x), axis=1)
+    sq_keys = coll.all_gather(sq_local, axis_name)
+    d2 = jnp.maximum(sq_local[:, None] + sq_keys[None, :] - 2.0 * (x @ keys.T), 0.0)
+    self_col = coll.axis_index(axis_name) * b + jnp.arange(b)
+    not_self = jnp.arange(n)[None, :] != self_col[:, None]
+    lse = masked_logsumexp(-t * d2, not_self, axis=1)
+    lse = coll.global_logsumexp(jax.nn.logsumexp(lse), axis_name)
+    return lse - math.log(n * (n - 1))
+
+
+def hypersphere_loss(
+    z_a: ArrayLike,
+    z_b: ArrayLike,
+    *,
+    t: ArrayLike = 1.0,
+    lam: ArrayLike = 1.0,
+    alpha: ArrayLike = 2.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Alignment + uniformity on the hypersphere (lightly's ``HypersphereLoss``).
+
+    .. math:: L = \mathrm{align}_\alpha(\hat z_a, \hat z_b)
+              + \lambda\,\tfrac12\left(\mathrm{unif}_t(\hat z_a) + \mathrm{unif}_t(\hat z_b)\right)
+
+    with L2-normalized inputs (eps 1e-12), see :func:`alignment_loss` and
+    :func:`uniformity_loss`.
+
+    Differences from lightly: defined for a batch of one (uniformity 0; lightly returns
+    NaN) and finite gradients for identical views with ``alpha < 2``.
+
+    References:
+      Wang & Isola, `Understanding Contrastive Representation Learning through Alignment
+      and Uniformity on the Hypersphere <https://arxiv.org/abs/2005.10242>`_, 2020.
+    """
+    val.check_scalar_param(lam, "lam")
+    z_a = val.as_float_array(z_a, "z_a", ndim=2)
+    z_b = val.as_float_array(z_b, "z_b", ndim=2)
+    val.check_same_shape(z_a, z_b, "z_a", "z_b")
+    x, y = l2_normalize(z_a), l2_normalize(z_b)
+    unif = uniformity_loss(x, t=t, axis_name=axis_name) + uniformity_loss(y, t=t, axis_name=axis_name)
+    return alignment_loss(x, y, alpha=alpha, axis_name=axis_name) + lam * unif / 2.0

@@ -1,0 +1,155 @@
+"""Trace-time input validation shared by every loss.
+
+Everything here inspects only static information (shapes, dtypes, Python scalars), so it
+runs once per trace and costs nothing at run time. Values that are traced (for example a
+temperature schedule passed as an array under ``jax.jit``) cannot be inspected and are
+accepted as they are; they still must be scalars.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslloss_jax._types import ArrayLike
+
+__all__ = [
+    "as_float_array",
+    "check_axis_name",
+    "check_same_shape",
+    "concrete_scalar",
+    "check_scalar_param",
+    "check_temperature",
+    "check_in_range",
+    "check_min_batch",
+]
+
+
+def as_float_array(
+    x: ArrayLike, name: str, *, ndim: int | None = None, min_ndim: int | None = None
+) -> jax.Array:
+    """Converts ``x`` to a ``jax.Array`` and checks that it is floating with the given rank.
+
+    Raises:
+      TypeError: if ``x`` is not an array of a real floating dtype.
+      ValueError: if the rank is wrong or an axis has size 0.
+    """
+    if isinstance(x, (list, tuple)):
+        raise TypeError(
+            f"{name} must be an array, got a {type(x).__name__}; stack it first, e.g. "
+            f"jnp.stack({name})"
+        )
+    try:
+        arr = jnp.asarray(x)
+    except TypeError as err:  # pragma: no cover - defensive, jnp's message is good
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from err
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {arr.dtype} with shape {arr.shape}"
+        )
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {arr.shape}")
+    if min_ndim is not None and arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have rank >= {min_ndim}, got shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    return arr
+
+
+def check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str) -> None:
+    """Raises ``ValueError`` unless ``a`` and ``b`` have exactly the same shape."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}"
+        )
+
+
+def check_axis_name(axis_name: object) -> None:
+    """Checks that ``axis_name`` is ``None``, a hashable name or a tuple of names."""
+    if axis_name is None:
+        return
+    names: Sequence[object] = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names or not all(isinstance(n, Hashable) and n is not None for n in names):
+        raise TypeError(
+            "axis_name must be None, an axis name or a non-empty tuple of axis names, "
+            f"got {axis_name!r}"
+        )
+
+
+def concrete_scalar(value: object) -> float | None:
+    """Returns ``value`` as a Python float if it is known at trace time, else ``None``."""
+    if isinstance(value, (bool, int, float, np.integer, np.floating)):
+        return float(value)
+    try:
+        return float(np.asarray(value))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+    except TypeError:
+        return None
+
+
+def check_scalar_param(value: ArrayLike, name: str) -> jax.Array:
+    """Checks that a hyperparameter is a scalar (Python number or 0-d array).
+
+    Traced scalars are accepted, so per-step schedules do not retrace.
+    """
+    if isinstance(value, (list, tuple)) or np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    arr = jnp.asarray(value)
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}")
+    v = concrete_scalar(value)
+    if v is not None and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return arr
+
+
+def check_temperature(value: ArrayLike, name: str = "temperature", *, positive: bool = False):
+    """Rejects |temperature| < 1e-8 (and, if ``positive``, temperature <= 0)."""
+    arr = check_scalar_param(value, name)
+    v = concrete_scalar(value)
+    if v is not None:
+        if abs(v) < 1e-8:
+            raise ValueError(f"Illegal {name}: abs({v}) < 1e-8")
+        if positive and v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    return arr
+
+
+def check_in_range(
+    value: ArrayLike,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+):
+    """Checks ``low <= value <= high`` (bounds optional, inclusive unless told)."""
+    arr = check_scalar_param(value, name)
+    v = concrete_scalar(value)
+    if v is not None:
+        bad_low = low is not None and (v < low if low_inclusive else v <= low)
+        bad_high = high is not None and (v > high if high_inclusive else v >= high)
+        if bad_low or bad_high:
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            brackets = ("[" if low_inclusive else "(", "]" if high_inclusive else ")")
+            raise ValueError(
+                f"{name} must be in {brackets[0]}{lo}, {hi}{brackets[1]}, got {v}"
+            )
+    return arr
+
+
+def check_min_batch(global_batch: int, minimum: int, what: str, local_shape: tuple) -> None:
+    """Checks that the (global) batch is large enough for the statistic ``what`` needs."""
+    if global_batch < minimum:
+        raise ValueError(
+            f"{what} needs a batch of at least {minimum} samples, got a global batch of "
+            f"{global_batch} (local shape {local_shape})"
+        )
