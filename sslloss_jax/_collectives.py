@@ -118,27 +118,28 @@ def global_logsumexp(lse_local: jax.Array, axis_name: AxisName) -> jax.Array:
 class Moments(NamedTuple):
     """First and second central moments of a global batch (per feature)."""
 
-    mean: jax.Array  # shape x.shape[1:]
-    m2: jax.Array  # Σ_n (x_n - mean)², shape x.shape[1:]
+    mean: jax.Array  # shape (1, *x.shape[1:]) (keeps the batch axis for broadcasting)
+    m2: jax.Array  # Σ_n (x_n - mean)², shape (1, *x.shape[1:])
     count: int  # global number of samples (static)
 
 
-def global_moments(x: jax.Array, axis_name: AxisName) -> Moments:
-    """Mean and centered sum of squares over axis 0 of the global batch.
+def global_moments(*xs: jax.Array, axis_name: AxisName) -> tuple[Moments, ...]:
+    """Mean and centered sum of squares over axis 0 of the global batch, for each input.
 
-    Each participant computes its local mean and centered sum of squares (two-pass, so
-    no cancellation), and one ``all_gather`` of the stacked pair lets everyone combine
-    them with Chan et al.'s parallel formula
-    ``M2 = Σ_d M2_d + b Σ_d (mean_d - mean)²``. Differentiable; exact up to round-off
-    with respect to the single-device two-pass statistics.
+    Two passes, so there is no ``E[x²] − E[x]²`` cancellation: a ``psum`` of the stacked
+    local sums gives the means, then a ``psum`` of the stacked centered sums of squares
+    gives M2. The statistics of all inputs share those two collectives (inputs of equal
+    shape are stacked; otherwise each is reduced on its own). Differentiable, and the
+    results are identical (replicated) on every participant.
     """
-    b = x.shape[0]
-    mean_local = jnp.mean(x, axis=0)
-    m2_local = jnp.sum(jnp.square(x - mean_local), axis=0)
-    if axis_name is None:
-        return Moments(mean_local, m2_local, b)
-    stats = lax.all_gather(jnp.stack([mean_local, m2_local]), axis_name, axis=0)
-    means, m2s = stats[:, 0], stats[:, 1]
-    mean = jnp.mean(means, axis=0)
-    m2 = jnp.sum(m2s, axis=0) + b * jnp.sum(jnp.square(means - mean), axis=0)
-    return Moments(mean, m2, b * stats.shape[0])
+    b = xs[0].shape[0]
+    count = b * axis_size(axis_name)
+
+    def reduce(parts):
+        if len({p.shape for p in parts}) == 1:
+            return list(psum(jnp.stack(parts), axis_name))
+        return [psum(p, axis_name) for p in parts]
+
+    means = [m / count for m in reduce([jnp.sum(x, axis=0, keepdims=True) for x in xs])]
+    m2s = reduce([jnp.sum(jnp.square(x - m), axis=0, keepdims=True) for x, m in zip(xs, means)])
+    return tuple(Moments(m, v, count) for m, v in zip(means, m2s, strict=True))

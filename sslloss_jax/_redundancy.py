@@ -74,9 +74,8 @@ class BarlowTwinsTerms(NamedTuple):
 _BARLOW_MODES = ("batch_norm", "pearson", "none")
 
 
-def _standardize(z: jax.Array, mode: str, eps: float, axis_name: AxisName):
+def _standardize(z: jax.Array, mom: coll.Moments, mode: str, eps: float):
     """Returns (ẑ, scale) such that c = scale · ẑ_aᵀ ẑ_b for the given mode."""
-    mom = coll.global_moments(z, axis_name)
     if mode == "batch_norm":  # F.batch_norm(training=True): biased variance + eps
         return (z - mom.mean) / jnp.sqrt(mom.m2 / mom.count + eps), 1.0 / mom.count
     if mode == "pearson":  # unbiased std, /(N-1): the exact Pearson correlation
@@ -108,8 +107,9 @@ def barlow_twins_terms(
             z_a.shape,
         )
     z_a, z_b = upcast(z_a, z_b)
-    a, scale = _standardize(z_a, normalize, eps, axis_name)
-    b, _ = _standardize(z_b, normalize, eps, axis_name)
+    mom_a, mom_b = coll.global_moments(z_a, z_b, axis_name=axis_name)
+    a, scale = _standardize(z_a, mom_a, normalize, eps)
+    b, _ = _standardize(z_b, mom_b, normalize, eps)
     diag, off = correlation_stats(a[:, None], b[:, None], scale, axis_name, method=method)
     return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)), off[0])
 
@@ -194,15 +194,16 @@ def vicreg_terms(
     z_a, z_b = upcast(z_a, z_b)
     invariance = coll.global_mean(jnp.sum(jnp.square(z_a - z_b)), z_a.size, axis_name)
 
-    def var_cov(z):
-        z = z.reshape(z.shape[0], -1, z.shape[-1])  # (B, M, D)
-        mom = coll.global_moments(z, axis_name)
+    z_a, z_b = (z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b))  # (B, M, D)
+    moments = coll.global_moments(z_a, z_b, axis_name=axis_name)
+
+    def var_cov(z, mom):
         std = jnp.sqrt(mom.m2 / (n - 1) + eps)
         var = jnp.mean(jax.nn.relu(gamma - std))
         _, off = correlation_stats(z - mom.mean, None, 1.0 / (n - 1), axis_name, method=method)
         return var, jnp.mean(off) / z.shape[-1]
 
-    (var_a, cov_a), (var_b, cov_b) = var_cov(z_a), var_cov(z_b)
+    (var_a, cov_a), (var_b, cov_b) = var_cov(z_a, moments[0]), var_cov(z_b, moments[1])
     return VICRegTerms(invariance, 0.5 * (var_a + var_b), cov_a + cov_b)
 
 

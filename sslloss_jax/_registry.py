@@ -1,0 +1,194 @@
+"""A registry of the public losses: what each one is, its counterparts in the PyTorch
+libraries, how it behaves under ``axis_name``, and how to build example inputs.
+
+The test suite (generic jit / grad / vmap / dtype / distributed checks), the benchmarks
+and the README loss table all read this one list, so adding a loss is one entry here.
+
+Run ``python -m sslloss_jax._registry`` to print the README table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+import sslloss_jax as S
+from sslloss_jax._types import AxisName
+
+__all__ = ["LossSpec", "Example", "LOSSES", "get", "markdown_table"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """Example inputs of a loss.
+
+    Attributes:
+      batch: arrays whose axis 0 is the batch (sharded under ``axis_name``).
+      state: the initial state of a stateful loss (replicated), else ``None``.
+    """
+
+    batch: tuple[np.ndarray, ...]
+    state: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One public loss.
+
+    Attributes:
+      name: public function name in ``sslloss_jax``.
+      family: module family (contrastive, redundancy, similarity, ...).
+      counterparts: library -> name of the equivalent there (lightly, fovi, quadra, nidl).
+      stateful: whether the loss takes and returns a state.
+      distributed: what ``axis_name`` does for this loss.
+      apply: ``apply(batch, state, axis_name=..., **hyper) -> (loss, new_state | None)``;
+        a uniform calling convention over the loss's real signature.
+      example: ``example(rng, batch, dim) -> Example``.
+      traced_hyper: hyperparameters that may be traced scalars, with two test values.
+      min_batch: smallest global batch the loss accepts.
+    """
+
+    name: str
+    family: str
+    counterparts: Mapping[str, str]
+    stateful: bool
+    distributed: str
+    apply: Callable[..., tuple[jax.Array, Any]]
+    example: Callable[[np.random.Generator, int, int], Example]
+    traced_hyper: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    min_batch: int = 1
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        return getattr(S, self.name)
+
+
+def _two_views(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    x0 = rng.standard_normal((batch, dim)).astype(np.float32)
+    x1 = (x0 + 0.5 * rng.standard_normal((batch, dim))).astype(np.float32)
+    return Example((x0, x1))
+
+
+def _four_views(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    return Example(_two_views(rng, batch, dim).batch + _two_views(rng, batch, dim).batch)
+
+
+def _bank_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    key = jax.random.key(int(rng.integers(2**31)))
+    return Example(_two_views(rng, batch, dim).batch, S.init_memory_bank(key, 3 * batch + 1, dim))
+
+
+def _stateless(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, None]]:
+    def apply(batch, state=None, *, axis_name: AxisName = None, **hyper):
+        del state
+        return fn(*batch, axis_name=axis_name, **hyper), None
+
+    return apply
+
+
+def _apply_bank(batch, state, *, axis_name: AxisName = None, **hyper):
+    return S.ntxent_memory_bank_loss(*batch, state, axis_name=axis_name, **hyper)
+
+
+def _apply_sym(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    z0, p0, z1, p1 = batch
+    return S.sym_negative_cosine_similarity_loss((z0, p0), (z1, p1), axis_name=axis_name,
+                                                 **hyper), None
+
+
+_GATHER = "negatives all-gathered; global mean"
+_STATS = "global batch statistics"
+_MEAN = "global mean"
+
+LOSSES: tuple[LossSpec, ...] = (
+    LossSpec(
+        "ntxent_loss", "contrastive",
+        {"lightly": "NTXentLoss", "quadra": "SimCLRLoss", "nidl": "InfoNCE"},
+        False, _GATHER, _stateless(S.ntxent_loss), _two_views, {"temperature": (0.5, 0.2)},
+    ),
+    LossSpec(
+        "ntxent_memory_bank_loss", "contrastive",
+        {"lightly": "NTXentLoss(memory_bank_size=(n, d))"},
+        True, "global mean; global batch enqueued on every device", _apply_bank,
+        _bank_example, {"temperature": (0.5, 0.2)},
+    ),
+    LossSpec(
+        "dcl_loss", "contrastive", {"lightly": "DCLLoss", "nidl": "DCLLoss"},
+        False, _GATHER, _stateless(S.dcl_loss), _two_views, {"temperature": (0.1, 0.3)},
+        min_batch=2,
+    ),
+    LossSpec(
+        "dclw_loss", "contrastive", {"lightly": "DCLWLoss", "nidl": "DCLWLoss"},
+        False, _GATHER + "; weights over the global batch", _stateless(S.dclw_loss),
+        _two_views, {"temperature": (0.1, 0.3), "sigma": (0.5, 1.0)}, min_batch=2,
+    ),
+    LossSpec(
+        "negative_cosine_similarity", "similarity",
+        {"lightly": "NegativeCosineSimilarity", "quadra": "BYOLRegressionLoss (2 + 2×)"},
+        False, _MEAN, _stateless(S.negative_cosine_similarity), _two_views,
+    ),
+    LossSpec(
+        "sym_negative_cosine_similarity_loss", "similarity",
+        {"lightly": "SymNegCosineSimilarityLoss (removed in 1.6)", "quadra": "SimSIAMLoss"},
+        False, _MEAN, _apply_sym, _four_views,
+    ),
+    LossSpec(
+        "hypersphere_loss", "similarity",
+        {"lightly": "HypersphereLoss", "quadra": "align_loss + uniform_loss"},
+        False, "uniformity over all global pairs; global mean", _stateless(S.hypersphere_loss),
+        _two_views, {"t": (1.0, 2.0), "lam": (1.0, 0.5)},
+    ),
+    LossSpec(
+        "alignment_loss", "similarity", {"quadra": "align_loss", "nidl": "alignment_score"},
+        False, _MEAN, _stateless(S.alignment_loss), _two_views, {"alpha": (2.0, 1.5)},
+    ),
+    LossSpec(
+        "uniformity_loss", "similarity", {"quadra": "uniform_loss", "nidl": "uniformity_score"},
+        False, "all global pairs", _stateless(S.uniformity_loss),
+        lambda rng, b, d: Example(_two_views(rng, b, d).batch[:1]), {"t": (2.0, 1.0)},
+    ),
+    LossSpec(
+        "barlow_twins_loss", "redundancy",
+        {"lightly": "BarlowTwinsLoss", "fovi": "BarlowTwinsLoss", "nidl": "BarlowTwinsLoss",
+         "quadra": "BarlowTwinsLoss"},
+        False, _STATS + " (as SyncBN); Gram or D×D reduction by shape",
+        _stateless(S.barlow_twins_loss), _two_views, {"lambda_param": (5e-3, 1e-2)},
+        min_batch=2,
+    ),
+    LossSpec(
+        "vicreg_loss", "redundancy",
+        {"lightly": "VICRegLoss", "fovi": "VicRegLoss", "quadra": "VICRegLoss"},
+        False, _STATS + " for all three terms", _stateless(S.vicreg_loss), _two_views,
+        {"lambda_param": (25.0, 10.0), "mu_param": (25.0, 5.0), "nu_param": (1.0, 2.0)},
+        min_batch=2,
+    ),
+)
+
+_BY_NAME = {spec.name: spec for spec in LOSSES}
+
+
+def get(name: str) -> LossSpec:
+    """The spec of the public loss ``name``."""
+    return _BY_NAME[name]
+
+
+_LIBS = ("lightly", "fovi", "quadra", "nidl")
+
+
+def markdown_table() -> str:
+    """The README loss table."""
+    head = "| sslloss_jax | family | state | `axis_name` | " + " | ".join(_LIBS) + " |"
+    rows = [head, "|" + "---|" * (4 + len(_LIBS))]
+    for s in LOSSES:
+        libs = " | ".join(f"`{s.counterparts[k]}`" if k in s.counterparts else "—" for k in _LIBS)
+        state = "yes" if s.stateful else "—"
+        rows.append(f"| `{s.name}` | {s.family} | {state} | {s.distributed} | {libs} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(markdown_table())
