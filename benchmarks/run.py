@@ -84,6 +84,7 @@ ROWS = [
 # Targets on ours/lightly time ratios (lower is better).
 GEOMEAN_TARGET, MAX_RATIO_TARGET, BIG_D_SPEEDUP = 0.2, 0.8, 25.0
 BIG_D_ROWS = ("barlow b256 d8192", "vicreg b256 d8192")
+BUSY_WARNING = 0.1  # CPU fraction used by other processes that makes timings unreliable
 
 
 def quick_rows(rows: list[Row]) -> list[Row]:
@@ -110,6 +111,8 @@ def import_ours(threads: int) -> dict:
 
     import sslloss_jax
 
+    x = jax.numpy.ones((512, 512))  # start XLA's thread pool before measuring memory
+    jax.block_until_ready(jax.jit(lambda x: jax.numpy.tanh(x @ x).sum())(x))
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "sslloss_jax": sslloss_jax.__version__, "backend": jax.default_backend()}
 
@@ -148,6 +151,8 @@ def import_lightly(threads: int) -> dict:
     import lightly
     import lightly.loss.hypersphere_loss  # noqa: F401
 
+    x = torch.ones(512, 512)  # start the OpenMP threads before measuring memory
+    torch.tanh(x @ x).sum()
     return {"torch": torch.__version__, "lightly": lightly.__version__,
             "torch_threads": torch.get_num_threads()}
 
@@ -224,8 +229,9 @@ def worker(side: str, config: dict) -> None:
         x0, x1 = make_inputs(row)
         (step, extra), setup_mib = peak_mib_of(lambda: build(row, x0, x1))
         _, peak_mib = peak_mib_of(step)  # first call after compilation, fresh process
-        info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib}
-        step()  # warm-up
+        _, peak2_mib = peak_mib_of(step)  # second call: without one-time initialization
+        info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib,
+                "peak2_mib": peak2_mib}
         once = min(time_calls(step, 1) for _ in range(2))
         info["inner"] = max(1, min(config["max_inner"], math.ceil(config["rep_s"] / once)))
     except Exception as err:  # reported to the parent
@@ -374,14 +380,14 @@ def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
              "lightly: " + (", ".join(f"{k} {v}" for k, v in meta["lightly"].items())
                             if meta["lightly"] else "not found (only our numbers)"), ""]
     head = ("row", "ours ms", "compile ms", "lightly ms", "ours/lightly", "ours MiB",
-            "XLA temp MiB", "lightly MiB")
+            "XLA temp MiB", "lightly MiB", "others CPU")
     table = [head]
     for r in results:
         o, t = r["sides"].get("ours", {}), r["sides"].get("lightly", {})
         table.append((r["name"], fmt(o.get("median_ms"), ".3f"), fmt(o.get("compile_ms"), ".0f"),
                       fmt(t.get("median_ms"), ".3f"), fmt(r["ratio"], ".3f"),
                       fmt(o.get("peak_mib"), ".1f"), fmt(o.get("xla_temp_mib"), ".1f"),
-                      fmt(t.get("peak_mib"), ".1f")))
+                      fmt(t.get("peak_mib"), ".1f"), fmt(100 * r["others_cpu"], ".0f") + "%"))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -390,12 +396,47 @@ def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
               for s, v in r["sides"].items() if "error" in v]
     if errors:
         lines += ["", "errors:", *errors]
+    busy = [r["name"] for r in results if r["others_cpu"] >= BUSY_WARNING]
+    if busy:
+        lines += ["", f"WARNING: other processes used >= {BUSY_WARNING:.0%} of the CPU during "
+                  f"{', '.join(busy)}: those timings are unreliable (torch's most)"]
     lines.append("")
     if not targets:
         lines.append("targets: not checked (no row has both sides)")
     for t in targets:
         lines.append(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']:.3f}")
     return "\n".join(lines)
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall time, CPU seconds used machine-wide, CPU seconds of this process + its children).
+
+    Machine-wide CPU is NaN where /proc/stat is missing. Children count once waited for.
+    """
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # not idle/iowait
+    except (OSError, ValueError):
+        busy = math.nan
+    own = sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return time.perf_counter(), busy, own
+
+
+def others_fraction(start: tuple[float, float, float]) -> float:
+    """Fraction of the machine's CPU used by other processes since ``start``."""
+    (t0, busy0, own0), (t1, busy1, own1) = start, cpu_seconds()
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * (os.cpu_count() or 1))
+
+
+def wait_idle(max_s: float) -> None:
+    """Waits (at most ``max_s`` seconds) until other processes use < BUSY_WARNING of the CPU."""
+    deadline = time.perf_counter() + max_s
+    while time.perf_counter() < deadline:
+        start = cpu_seconds()
+        time.sleep(1.0)
+        if not others_fraction(start) >= BUSY_WARNING:  # also stops on NaN
+            return
 
 
 def cpu_info() -> dict:
@@ -441,6 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=50.0,
                    help="fast calls are batched into repetitions of about this long")
     p.add_argument("--max-inner", type=int, default=1000, help="max calls per repetition")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before each row, wait up to S seconds for other processes to go idle")
     p.add_argument("--list", action="store_true", help="list the selected rows and exit")
     p.add_argument("--_worker", nargs=2, metavar=("SIDE", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -466,11 +509,13 @@ def main(argv: list[str] | None = None) -> int:
         pythons["lightly"] = python
     results, versions = [], {}
     for i, row in enumerate(rows, 1):
+        wait_idle(args.wait_idle)
+        start = cpu_seconds()
         sides = bench_row(row, pythons, args)
         for side, res in sides.items():
             versions.setdefault(side, res.pop("versions", {}))
         results.append({"name": row.name, **dataclasses.asdict(row), "ratio": ratio(sides),
-                        "sides": sides})
+                        "others_cpu": others_fraction(start), "sides": sides})
         summary = ", ".join(f"{s} {v['median_ms']:.3f} ms" for s, v in sides.items()
                             if "median_ms" in v)
         print(f"[{i}/{len(rows)}] {row.name}: {summary}", file=sys.stderr, flush=True)

@@ -55,10 +55,10 @@ def _two_view_contrastive(
     keys = jnp.concatenate([coll.all_gather(z0, axis_name), coll.all_gather(z1, axis_name)])
     logits = (anchors @ keys.T) / temperature  # (2B, 2N)
 
-    rows = jnp.arange(2 * b)
+    rows = jnp.arange(2 * b, dtype=jnp.int32)
     view, local = rows // b, rows % b
     sample = coll.axis_index(axis_name) * b + local  # global sample index of each anchor
-    cols = jnp.arange(2 * n)[None, :]
+    cols = jnp.arange(2 * n, dtype=jnp.int32)[None, :]
     candidates = cols != (view * n + sample)[:, None]  # not the anchor itself
     if exclude_positive:
         candidates &= cols != ((1 - view) * n + sample)[:, None]

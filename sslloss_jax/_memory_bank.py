@@ -104,9 +104,9 @@ def memory_bank_enqueue(
     if b >= size:  # only the newest `size` rows survive
         start = ptr + (b - size)
         x = x[b - size :]
-        idx = (start + jnp.arange(size)) % size
+        idx = (start + jnp.arange(size, dtype=jnp.int32)) % size
     else:
-        idx = (ptr + jnp.arange(b)) % size
+        idx = (ptr + jnp.arange(b, dtype=jnp.int32)) % size
     bank = state.bank.at[idx].set(x, unique_indices=True)
     return MemoryBankState(bank, ((ptr + b) % size).astype(jnp.int32))
 

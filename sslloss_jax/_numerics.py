@@ -26,9 +26,13 @@ __all__ = [
 
 
 def compute_dtype(*xs: jax.Array) -> jnp.dtype:
-    """The dtype losses compute in: the inputs' result type promoted to >= float32."""
-    dtype = jnp.result_type(*[x.dtype for x in xs])
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype losses compute in: the widest input float type, at least float32.
+
+    Written without JAX's type promotion so it also holds under
+    ``jax_numpy_dtype_promotion="strict"`` and for mixed half/single inputs.
+    """
+    widest = max((jnp.dtype(x.dtype) for x in xs), key=lambda d: d.itemsize)
+    return widest if widest.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def upcast(*xs: jax.Array) -> tuple[jax.Array, ...]:

@@ -156,8 +156,8 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
     sq_local = jnp.sum(jnp.square(x), axis=1)
     sq_keys = coll.all_gather(sq_local, axis_name)
     d2 = jnp.maximum(sq_local[:, None] + sq_keys[None, :] - 2.0 * (x @ keys.T), 0.0)
-    self_col = coll.axis_index(axis_name) * b + jnp.arange(b)
-    not_self = jnp.arange(n)[None, :] != self_col[:, None]
+    self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+    not_self = jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
     lse = masked_logsumexp(-t * d2, not_self, axis=1)
     lse = coll.global_logsumexp(jax.nn.logsumexp(lse), axis_name)
     return lse - math.log(n * (n - 1))
