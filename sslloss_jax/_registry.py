@@ -50,6 +50,11 @@ class LossSpec:
       example: ``example(rng, batch, dim) -> Example``.
       traced_hyper: hyperparameters that may be traced scalars, with two test values.
       min_batch: smallest global batch the loss accepts.
+      grad_argnums: the batch arrays that receive a gradient (``None``: all of them).
+      symmetric: whether swapping the two views leaves the loss unchanged.
+      numeric_grads: whether finite differences see the same function as autodiff
+        (False when the loss detaches a quantity computed from its inputs, as DCLW's
+        weights: autodiff then rightly differs from finite differences).
     """
 
     name: str
@@ -61,6 +66,9 @@ class LossSpec:
     example: Callable[[np.random.Generator, int, int], Example]
     traced_hyper: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     min_batch: int = 1
+    grad_argnums: tuple[int, ...] | None = None
+    symmetric: bool = False
+    numeric_grads: bool = True
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -109,6 +117,7 @@ LOSSES: tuple[LossSpec, ...] = (
         "ntxent_loss", "contrastive",
         {"lightly": "NTXentLoss", "quadra": "SimCLRLoss", "nidl": "InfoNCE"},
         False, _GATHER, _stateless(S.ntxent_loss), _two_views, {"temperature": (0.5, 0.2)},
+        symmetric=True,
     ),
     LossSpec(
         "ntxent_memory_bank_loss", "contrastive",
@@ -119,32 +128,35 @@ LOSSES: tuple[LossSpec, ...] = (
     LossSpec(
         "dcl_loss", "contrastive", {"lightly": "DCLLoss", "nidl": "DCLLoss"},
         False, _GATHER, _stateless(S.dcl_loss), _two_views, {"temperature": (0.1, 0.3)},
-        min_batch=2,
+        min_batch=2, symmetric=True,
     ),
     LossSpec(
         "dclw_loss", "contrastive", {"lightly": "DCLWLoss", "nidl": "DCLWLoss"},
         False, _GATHER + "; weights over the global batch", _stateless(S.dclw_loss),
         _two_views, {"temperature": (0.1, 0.3), "sigma": (0.5, 1.0)}, min_batch=2,
+        symmetric=True, numeric_grads=False,
     ),
     LossSpec(
         "negative_cosine_similarity", "similarity",
         {"lightly": "NegativeCosineSimilarity", "quadra": "BYOLRegressionLoss (2 + 2×)"},
         False, _MEAN, _stateless(S.negative_cosine_similarity), _two_views,
+        symmetric=True,
     ),
     LossSpec(
         "sym_negative_cosine_similarity_loss", "similarity",
         {"lightly": "SymNegCosineSimilarityLoss (removed in 1.6)", "quadra": "SimSIAMLoss"},
-        False, _MEAN, _apply_sym, _four_views,
+        False, _MEAN, _apply_sym, _four_views, grad_argnums=(1, 3),
     ),
     LossSpec(
         "hypersphere_loss", "similarity",
         {"lightly": "HypersphereLoss", "quadra": "align_loss + uniform_loss"},
         False, "uniformity over all global pairs; global mean", _stateless(S.hypersphere_loss),
-        _two_views, {"t": (1.0, 2.0), "lam": (1.0, 0.5)},
+        _two_views, {"t": (1.0, 2.0), "lam": (1.0, 0.5)}, symmetric=True,
     ),
     LossSpec(
         "alignment_loss", "similarity", {"quadra": "align_loss", "nidl": "alignment_score"},
         False, _MEAN, _stateless(S.alignment_loss), _two_views, {"alpha": (2.0, 1.5)},
+        symmetric=True,
     ),
     LossSpec(
         "uniformity_loss", "similarity", {"quadra": "uniform_loss", "nidl": "uniformity_score"},
@@ -157,14 +169,14 @@ LOSSES: tuple[LossSpec, ...] = (
          "quadra": "BarlowTwinsLoss"},
         False, _STATS + " (as SyncBN); Gram or D×D reduction by shape",
         _stateless(S.barlow_twins_loss), _two_views, {"lambda_param": (5e-3, 1e-2)},
-        min_batch=2,
+        min_batch=2, symmetric=True,
     ),
     LossSpec(
         "vicreg_loss", "redundancy",
         {"lightly": "VICRegLoss", "fovi": "VicRegLoss", "quadra": "VICRegLoss"},
         False, _STATS + " for all three terms", _stateless(S.vicreg_loss), _two_views,
         {"lambda_param": (25.0, 10.0), "mu_param": (25.0, 5.0), "nu_param": (1.0, 2.0)},
-        min_batch=2,
+        min_batch=2, symmetric=True,
     ),
 )
 

@@ -8,6 +8,11 @@ gets its own 8 devices.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile hundreds of small programs; XLA's optimization passes dominate their
+# run time and do not change what is computed (tolerances absorb fusion round-off).
+_fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _fast).strip()
 
 import jax  # noqa: E402
 

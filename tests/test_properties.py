@@ -1,0 +1,151 @@
+"""Generic properties every registered loss must have: jit == eager, correct float64
+gradients (``check_grads``), ``vmap`` over a leading views axis, dtype policy, finite
+values and gradients on degenerate inputs, view symmetry, and no retrace when a traced
+hyperparameter changes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from sslloss_jax._registry import LOSSES
+from tests._harness import assert_tree_close
+
+SPECS = [pytest.param(s, id=s.name) for s in LOSSES]
+
+
+def _example(spec, batch=8, dim=6, seed=0, dtype=np.float32):
+    ex = spec.example(np.random.default_rng(seed), batch, dim)
+    return tuple(jnp.asarray(x, dtype) for x in ex.batch), ex.state
+
+
+def _loss_fn(spec, state, **hyper):
+    return lambda *batch: spec.apply(batch, state, **hyper)[0]
+
+
+def _argnums(spec, n):
+    return spec.grad_argnums if spec.grad_argnums is not None else tuple(range(n))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_jit_matches_eager(spec):
+    batch, state = _example(spec)
+    eager = spec.apply(batch, state)
+    jitted = jax.jit(lambda b, s: spec.apply(b, s))(batch, state)
+    assert_tree_close(jitted, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_check_grads_float64(spec):
+    if not spec.numeric_grads:
+        pytest.skip("detaches part of its input dependence (gradients checked by golden parity)")
+    with jax.enable_x64(True):
+        batch, state = _example(spec, batch=5, dim=4, dtype=np.float64)
+        if state is not None:
+            state = jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype.kind == "f" else x,
+                                 state)
+        f = _loss_fn(spec, state)
+        argnums = _argnums(spec, len(batch))
+
+        def g(*diff):
+            full = list(batch)
+            for i, x in zip(argnums, diff):
+                full[i] = x
+            return f(*full)
+
+        check_grads(jax.jit(g), tuple(batch[i] for i in argnums), order=1, modes=("rev",),
+                    atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_vmap_over_views(spec):
+    """A leading axis of independent problems (views, crops, heads) vectorizes."""
+    examples = [_example(spec, seed=s) for s in range(3)]
+    state = examples[0][1]
+    stacked = tuple(jnp.stack(xs) for xs in zip(*[b for b, _ in examples]))
+    vmapped = jax.jit(jax.vmap(lambda b: spec.apply(b, state)))(stacked)
+    single = jax.jit(lambda b: spec.apply(b, state))
+    looped = [single(b) for b, _ in examples]
+    expected = jax.tree.map(lambda *xs: jnp.stack(xs), *looped)
+    assert_tree_close(vmapped, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("spec", SPECS)
+def test_dtype_policy(spec, dtype):
+    """Half-precision inputs: float32 loss, finite, close to the float32 result;
+    gradients come back in the input dtype and are finite."""
+    batch, state = _example(spec, dtype=dtype)
+    f = _loss_fn(spec, state)
+    argnums = _argnums(spec, len(batch))
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(*batch)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    assert np.isfinite(loss)
+    for i, g in zip(argnums, grads):
+        assert g.dtype == batch[i].dtype
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+    ref = f(*(x.astype(jnp.float32) for x in batch))
+    np.testing.assert_allclose(loss, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_float64_in_float64_out():
+    with jax.enable_x64(True):
+        for spec in LOSSES:
+            batch, state = _example(spec, dtype=np.float64)
+            loss = jax.jit(lambda b, s: spec.apply(b, s)[0])(batch, state)
+            assert loss.dtype == jnp.float64, spec.name
+
+
+DEGENERATE = {
+    "zeros": lambda x, i: np.zeros_like(x),
+    "identical_rows": lambda x, i: np.broadcast_to(x[:1], x.shape).copy(),
+    "identical_views": lambda x, i: x if i == 0 else None,  # every view = the first
+    "large_1e4": lambda x, i: 1e4 * x,
+    "tiny_1e-6": lambda x, i: 1e-6 * x,
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", list(DEGENERATE))
+@pytest.mark.parametrize("spec", SPECS)
+def test_degenerate_inputs_are_finite(spec, kind, dtype):
+    raw, state = _example(spec, dtype=np.float32)
+    first = np.asarray(raw[0])
+    batch = []
+    for i, x in enumerate(raw):
+        y = DEGENERATE[kind](np.asarray(x), i)
+        batch.append(jnp.asarray(first if y is None else y, dtype))
+    f = _loss_fn(spec, state)
+    argnums = _argnums(spec, len(batch))
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(*batch)
+    assert np.isfinite(loss), (spec.name, kind, loss)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), (spec.name, kind)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.values[0].symmetric])
+def test_symmetric_in_the_views(spec):
+    (a, b), state = _example(spec)
+    f = jax.jit(lambda x, y: spec.apply((x, y), state)[0])
+    np.testing.assert_allclose(f(a, b), f(b, a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.values[0].traced_hyper])
+def test_traced_hyperparameters_do_not_retrace(spec):
+    batch, state = _example(spec)
+    traces = []
+
+    @jax.jit
+    def f(batch, hyper):
+        traces.append(1)
+        return spec.apply(batch, state, **hyper)[0]
+
+    first = {k: jnp.float32(v[0]) for k, v in spec.traced_hyper.items()}
+    second = {k: jnp.float32(v[1]) for k, v in spec.traced_hyper.items()}
+    l1, l2 = f(batch, first), f(batch, second)
+    assert len(traces) == 1
+    assert not np.isclose(l1, l2)
+    static = {k: v[1] for k, v in spec.traced_hyper.items()}
+    python_floats = jax.jit(lambda b: spec.apply(b, state, **static)[0])(batch)
+    np.testing.assert_allclose(l2, python_floats, rtol=1e-5)
