@@ -66,7 +66,9 @@ def negative_cosine_similarity(
     except ValueError as err:
         raise ValueError(f"x0 and x1 shapes must broadcast, got {x0.shape} and {x1.shape}") from err
     if not -x0.ndim <= axis < x0.ndim:
-        raise ValueError(f"axis {axis} is out of range for inputs of rank {x0.ndim}")
+        raise ValueError(
+            f"axis {axis} is out of range for inputs of rank {x0.ndim} (x0 has shape {x0.shape})"
+        )
     return -_batch_mean(cosine_similarity(x0, x1, axis=axis, eps=eps), axis_name)
 
 
