@@ -229,10 +229,8 @@ def worker(side: str, config: dict) -> None:
         x0, x1 = make_inputs(row)
         (step, extra), setup_mib = peak_mib_of(lambda: build(row, x0, x1))
         _, peak_mib = peak_mib_of(step)  # first call after compilation, fresh process
-        _, peak2_mib = peak_mib_of(step)  # second call: without one-time initialization
-        info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib,
-                "peak2_mib": peak2_mib}
-        once = min(time_calls(step, 1) for _ in range(2))
+        once = time_calls(step, 1)  # second call: warm-up, sizes the repetitions
+        info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib}
         info["inner"] = max(1, min(config["max_inner"], math.ceil(config["rep_s"] / once)))
     except Exception as err:  # reported to the parent
         send({"error": f"{type(err).__name__}: {err}", "stage": "setup"})
@@ -511,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         pythons["lightly"] = python
     results, versions = [], {}
     for i, row in enumerate(rows, 1):
+        t0 = time.perf_counter()
         for _ in range(1 + args.retry_busy):
             wait_idle(args.wait_idle)
             start = cpu_seconds()
@@ -521,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         for side, res in sides.items():
             versions.setdefault(side, res.pop("versions", {}))
         results.append({"name": row.name, **dataclasses.asdict(row), "ratio": ratio(sides),
-                        "others_cpu": others_fraction(start), "sides": sides})
+                        "others_cpu": others_fraction(start),
+                        "wall_s": time.perf_counter() - t0, "sides": sides})
         summary = ", ".join(f"{s} {v['median_ms']:.3f} ms" for s, v in sides.items()
                             if "median_ms" in v)
         print(f"[{i}/{len(rows)}] {row.name}: {summary}", file=sys.stderr, flush=True)

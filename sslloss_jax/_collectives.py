@@ -120,7 +120,7 @@ class Moments(NamedTuple):
 
     mean: jax.Array  # shape (1, *x.shape[1:]) (keeps the batch axis for broadcasting)
     m2: jax.Array  # Σ_n (x_n - mean)², shape (1, *x.shape[1:])
-    count: int  # global number of samples (static)
+    n: int  # global number of samples (static)
 
 
 def global_moments(*xs: jax.Array, axis_name: AxisName) -> tuple[Moments, ...]:

@@ -77,12 +77,12 @@ _BARLOW_MODES = ("batch_norm", "pearson", "none")
 def _standardize(z: jax.Array, mom: coll.Moments, mode: str, eps: float):
     """Returns (ẑ, scale) such that c = scale · ẑ_aᵀ ẑ_b for the given mode."""
     if mode == "batch_norm":  # F.batch_norm(training=True): biased variance + eps
-        return (z - mom.mean) / jnp.sqrt(mom.m2 / mom.count + eps), 1.0 / mom.count
+        return (z - mom.mean) / jnp.sqrt(mom.m2 / mom.n + eps), 1.0 / mom.n
     if mode == "pearson":  # unbiased std, /(N-1): the exact Pearson correlation
-        std = safe_sqrt(mom.m2 / (mom.count - 1))
+        std = safe_sqrt(mom.m2 / (mom.n - 1))
         ok = std > 0
-        return jnp.where(ok, (z - mom.mean) / jnp.where(ok, std, 1.0), 0.0), 1.0 / (mom.count - 1)
-    return z, 1.0 / mom.count  # "none": already normalized outside (fovi's external BN)
+        return jnp.where(ok, (z - mom.mean) / jnp.where(ok, std, 1.0), 0.0), 1.0 / (mom.n - 1)
+    return z, 1.0 / mom.n  # "none": already normalized outside (fovi's external BN)
 
 
 def barlow_twins_terms(
@@ -158,11 +158,11 @@ def barlow_twins_loss(
       Zbontar et al., `Barlow Twins: Self-Supervised Learning via Redundancy Reduction
       <https://arxiv.org/abs/2103.03230>`_, 2021.
     """
-    val.check_scalar_param(lambda_param, "lambda_param")
+    lam = val.check_scalar_param(lambda_param, "lambda_param")
     terms = barlow_twins_terms(
         z_a, z_b, normalize=normalize, eps=eps, axis_name=axis_name, method=method
     )
-    return terms.invariance + lambda_param * terms.redundancy
+    return terms.invariance + lam * terms.redundancy
 
 
 class VICRegTerms(NamedTuple):
@@ -225,7 +225,8 @@ def vicreg_loss(
         L = \lambda\,\frac{1}{N}\sum_n\lVert z_{a,n}-z_{b,n}\rVert^2/D
           + \mu\,\tfrac12\left(v(z_a)+v(z_b)\right) + \nu\left(c(z_a)+c(z_b)\right)
 
-    with :math:`v(z) = \operatorname{mean}_d \operatorname{relu}(\gamma - \sqrt{\operatorname{Var}(z_d)+\epsilon})`
+    with :math:`v(z) = \operatorname{mean}_d
+    \operatorname{relu}(\gamma - \sqrt{\operatorname{Var}(z_d)+\epsilon})`
     (unbiased variance) and :math:`c(z) = \sum_{i\ne j} C_{ij}^2/D` of the unbiased
     covariance matrix C. Inputs of shape ``[batch, ..., dim]`` (as lightly) get one
     covariance matrix per position of the middle axes, averaged.
@@ -252,7 +253,7 @@ def vicreg_loss(
       Bardes et al., `VICReg: Variance-Invariance-Covariance Regularization for
       Self-Supervised Learning <https://arxiv.org/abs/2105.04906>`_, 2022.
     """
-    for name, v in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
-        val.check_scalar_param(v, name)
+    lam, mu, nu = (val.check_scalar_param(v, name) for name, v in (
+        ("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)))
     t = vicreg_terms(z_a, z_b, eps=eps, gamma=gamma, axis_name=axis_name, method=method)
-    return lambda_param * t.invariance + mu_param * t.variance + nu_param * t.covariance
+    return lam * t.invariance + mu * t.variance + nu * t.covariance

@@ -99,7 +99,8 @@ def _stateless(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, N
 
 
 def _apply_bank(batch, state, *, axis_name: AxisName = None, **hyper):
-    return S.ntxent_memory_bank_loss(*batch, state, axis_name=axis_name, **hyper)
+    out0, out1 = batch
+    return S.ntxent_memory_bank_loss(out0, out1, state, axis_name=axis_name, **hyper)
 
 
 def _apply_sym(batch, state=None, *, axis_name: AxisName = None, **hyper):

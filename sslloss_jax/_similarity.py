@@ -102,9 +102,11 @@ def sym_negative_cosine_similarity_loss(
               (("z0", z0), ("p0", p0), ("z1", z1), ("p1", p1))}
     for n in ("p0", "z1", "p1"):
         val.check_same_shape(arrays["z0"], arrays[n], "z0", n)
-    kw = dict(axis=-1, axis_name=axis_name)
-    return 0.5 * negative_cosine_similarity(arrays["p0"], lax.stop_gradient(arrays["z1"]), **kw) \
-        + 0.5 * negative_cosine_similarity(arrays["p1"], lax.stop_gradient(arrays["z0"]), **kw)
+    def half(p: jax.Array, z: jax.Array) -> jax.Array:
+        return 0.5 * negative_cosine_similarity(
+            p, lax.stop_gradient(z), axis=-1, axis_name=axis_name)
+
+    return half(arrays["p0"], arrays["z1"]) + half(arrays["p1"], arrays["z0"])
 
 
 def _safe_pow(sq: jax.Array, alpha: ArrayLike) -> jax.Array:
@@ -147,7 +149,7 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
       axis_name: optional axis.
     """
     val.check_axis_name(axis_name)
-    val.check_scalar_param(t, "t")
+    t_arr = val.check_scalar_param(t, "t")
     x = val.as_float_array(x, "x", ndim=2)
     (x,) = upcast(x)
     b = x.shape[0]
@@ -160,7 +162,7 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
     d2 = jnp.maximum(sq_local[:, None] + sq_keys[None, :] - 2.0 * (x @ keys.T), 0.0)
     self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
     not_self = jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
-    lse = masked_logsumexp(-t * d2, not_self, axis=1)
+    lse = masked_logsumexp(-t_arr * d2, not_self, axis=1)
     lse = coll.global_logsumexp(jax.nn.logsumexp(lse), axis_name)
     return lse - math.log(n * (n - 1))
 
@@ -194,5 +196,5 @@ def hypersphere_loss(
     z_b = val.as_float_array(z_b, "z_b", ndim=2)
     val.check_same_shape(z_a, z_b, "z_a", "z_b")
     x, y = l2_normalize(z_a), l2_normalize(z_b)
-    unif = uniformity_loss(x, t=t, axis_name=axis_name) + uniformity_loss(y, t=t, axis_name=axis_name)
+    unif = sum(uniformity_loss(v, t=t, axis_name=axis_name) for v in (x, y))
     return alignment_loss(x, y, alpha=alpha, axis_name=axis_name) + lam * unif / 2.0

@@ -158,3 +158,17 @@ def test_negative_mises_fisher_weights_values():
 def test_negative_mises_fisher_weights_extreme_sigma_finite(sigma):
     a, b = _views()
     assert np.all(np.isfinite(S.negative_mises_fisher_weights(a, b, sigma=sigma)))
+
+
+def test_dclw_gradient_is_dcl_gradient_with_frozen_weights():
+    """DCLW's weights are stop-gradient: its gradient is that of DCL with the weights held
+    constant, which check_grads can verify by finite differences."""
+    with jax.enable_x64(True):
+        a, b = (x.astype(jnp.float64) for x in _views(5, 4))
+        w = S.negative_mises_fisher_weights(a, b)
+        frozen = lambda x, y: S.dcl_loss(x, y, weight_fn=lambda *_: w)
+        jax.test_util.check_grads(frozen, (a, b), order=1, modes=("rev",))
+        g_dclw = jax.grad(S.dclw_loss, argnums=(0, 1))(a, b)
+        g_frozen = jax.grad(frozen, argnums=(0, 1))(a, b)
+        for g1, g2 in zip(g_dclw, g_frozen):
+            np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-12)

@@ -19,8 +19,8 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -43,16 +43,15 @@ def parse_args() -> argparse.Namespace:
 ARGS = parse_args()
 sys.path.insert(0, ARGS.oracle_dir)
 
+import lightly_shim  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-import lightly_shim  # noqa: E402
-
 L = lightly_shim.import_lightly_loss()
-from lightly.loss import hypersphere_loss as lightly_hypersphere  # noqa: E402
-from lightly.loss import vicreg_loss as lightly_vicreg  # noqa: E402
 import nidl.losses as nidl_losses  # noqa: E402
 from fovi.utils import losses as fovi_losses  # noqa: E402  (alias of fovi.training.utils.losses)
+from lightly.loss import hypersphere_loss as lightly_hypersphere  # noqa: E402
+from lightly.loss import vicreg_loss as lightly_vicreg  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
 torch.set_num_threads(2)
@@ -64,9 +63,9 @@ warnings.filterwarnings("ignore", message="To copy construct from a tensor")
 # passes the gradient through unchanged (correct for world_size=1, checked against lightly's grads).
 warnings.filterwarnings("ignore", message="c10d::allreduce_: an autograd kernel was not registered")
 
-ARRAYS: Dict[str, np.ndarray] = {}
-CASES: List[dict] = []
-SKIPPED: List[str] = []
+ARRAYS: dict[str, np.ndarray] = {}
+CASES: list[dict] = []
+SKIPPED: list[str] = []
 
 
 def randn(seed: int, shape: Sequence[int]) -> np.ndarray:
@@ -83,11 +82,11 @@ def to_np(t) -> np.ndarray:
     return np.asarray(t, dtype=np.float64)
 
 
-def all_finite(d: Dict[str, np.ndarray]) -> bool:
+def all_finite(d: dict[str, np.ndarray]) -> bool:
     return all(np.all(np.isfinite(v)) for v in d.values() if np.issubdtype(np.asarray(v).dtype, np.floating))
 
 
-def fmt_shape(inputs: Dict[str, np.ndarray]) -> str:
+def fmt_shape(inputs: dict[str, np.ndarray]) -> str:
     return " ".join(f"{k}{tuple(v.shape)}" for k, v in inputs.items())
 
 
@@ -97,7 +96,7 @@ def add_case(
     source: str,
     torch_call: str,
     kwargs: dict,
-    inputs: Dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray],
     fn: Callable[..., object],
     grads: Sequence[str],
     notes: str = "",
@@ -228,7 +227,7 @@ def gen_ntxent_memory_bank() -> None:
         mb = mod.memory_bank
         assert mb.bank.dtype == F64, mb.bank.dtype
         assert tuple(mb.bank.shape) == (n, D)
-        data: Dict[str, np.ndarray] = {
+        data: dict[str, np.ndarray] = {
             "bank0": to_np(mb.bank.clone()),
             "ptr0": np.asarray(int(mb.bank_ptr[0]), dtype=np.int64),
         }
@@ -292,10 +291,10 @@ def gen_ntxent_memory_bank() -> None:
 
 # --------------------------------------------------------------------------- 3/4. DCL, DCLW
 
-DCL_INPUTS: Dict[tuple, Dict[str, np.ndarray]] = {}
+DCL_INPUTS: dict[tuple, dict[str, np.ndarray]] = {}
 
 
-def dcl_inputs(B: int, D: int) -> Dict[str, np.ndarray]:
+def dcl_inputs(B: int, D: int) -> dict[str, np.ndarray]:
     if (B, D) not in DCL_INPUTS:
         s = 3000 + 10 * B + D
         DCL_INPUTS[(B, D)] = {"out0": randn(s, (B, D)), "out1": randn(s + 500, (B, D))}
@@ -482,7 +481,7 @@ def gen_hypersphere() -> None:
 
 # --------------------------------------------------------------------------- 8/9/10. Barlow Twins
 
-BT_INPUTS: Dict[str, Dict[str, np.ndarray]] = {}
+BT_INPUTS: dict[str, dict[str, np.ndarray]] = {}
 
 
 def gen_barlow() -> None:
@@ -543,7 +542,7 @@ def gen_fovi_barlow() -> None:
         mod = fovi_losses.BarlowTwinsLoss(torch.nn.Identity(), batch_size=B, world_size=1, lambd=lam)
         out_full = {"loss_raw": full.detach(), "grad_raw_z1": gfull[0], "grad_raw_z2": gfull[1]}
 
-        def fn(z_a, z_b, mod=mod, out_full=out_full):
+        def fn(z_a, z_b, mod=mod, out_full=out_full, raw=raw):
             return mod(z_a, z_b), {"raw_z1": torch.tensor(raw["z_a"]), "raw_z2": torch.tensor(raw["z_b"]), **out_full}
 
         add_case(
@@ -681,7 +680,7 @@ def main() -> None:
     np.savez_compressed(out_dir / "golden.npz", **ARRAYS)
     (out_dir / "cases.json").write_text(json.dumps(CASES, indent=1) + "\n")
     verify(out_dir)
-    fams: Dict[str, int] = {}
+    fams: dict[str, int] = {}
     for c in CASES:
         key = f"{c['loss']}/{c['source']}"
         fams[key] = fams.get(key, 0) + 1
