@@ -116,7 +116,8 @@ _MEAN = "global mean"
 LOSSES: tuple[LossSpec, ...] = (
     LossSpec(
         "ntxent_loss", "contrastive",
-        {"lightly": "NTXentLoss", "quadra": "SimCLRLoss", "nidl": "InfoNCE"},
+        {"lightly": "NTXentLoss", "fovi": "SimCLRLoss(pairs_per_sample=1)", "quadra": "SimCLRLoss",
+         "nidl": "InfoNCE"},
         False, _GATHER, _stateless(S.ntxent_loss), _two_views, {"temperature": (0.5, 0.2)},
         symmetric=True,
     ),

@@ -626,6 +626,26 @@ def gen_fovi_vicreg() -> None:
         )
 
 
+def gen_fovi_simclr() -> None:
+    """fovi SimCLRLoss with pairs_per_sample=1 is NT-Xent: its (num_sim, num_entropy) sum."""
+    for ci, (B, D, tau) in enumerate([(6, 8, 0.5), (9, 4, 0.1)]):
+        inp = {"out0": randn(9500 + 2 * ci, (B, D)), "out1": randn(9501 + 2 * ci, (B, D))}
+        mod = fovi_losses.SimCLRLoss(B, 1, "cpu", tau, 1)
+
+        def fn(out0, out1, mod=mod):
+            num_sim, num_entropy = mod(out0, out1)
+            return num_sim + num_entropy, {"num_sim": num_sim.detach(),
+                                           "num_entropy": num_entropy.detach()}
+
+        add_case(
+            f"ntxent/fovi/b{B}_d{D}_t{tau:g}", "ntxent", "fovi",
+            f"sum(fovi SimCLRLoss(batch_size={B}, world_size=1, gpu='cpu', temperature={tau:g}, "
+            "pairs_per_sample=1)(z_i, z_j))",
+            {"temperature": tau}, inp, fn, ["out0", "out1"],
+            notes="fovi returns (mean -positive logit, mean logsumexp); their sum is NT-Xent.",
+        )
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -675,6 +695,7 @@ def main() -> None:
         gen_fovi_barlow()
         gen_vicreg()
         gen_fovi_vicreg()
+        gen_fovi_simclr()
     finally:
         tdist.destroy_process_group()
     np.savez_compressed(out_dir / "golden.npz", **ARRAYS)
