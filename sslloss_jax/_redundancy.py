@@ -9,6 +9,7 @@ included (:func:`correlation_stats`).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -30,6 +31,48 @@ __all__ = [
 ]
 
 
+@jax.custom_vjp
+def _gram_inner(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``⟨a aᵀ, b bᵀ⟩_F = ‖aᵀ b‖²_F`` for ``a, b`` of shape (N, D), from N × N Grams.
+
+    The custom VJP ``(2 (b bᵀ) a, 2 (a aᵀ) b)`` reuses the forward Grams: 4 matmuls of
+    N²D in all, where autodiff of ``a @ a.T`` differentiates both operands (6).
+    """
+    return jnp.sum((a @ a.T) * (b @ b.T))
+
+
+def _gram_inner_fwd(a, b):
+    ga, gb = a @ a.T, b @ b.T
+    return jnp.sum(ga * gb), (a, b, ga, gb)
+
+
+def _gram_inner_bwd(res, g):
+    a, b, ga, gb = res
+    return (2 * g) * (gb @ a), (2 * g) * (ga @ b)
+
+
+_gram_inner.defvjp(_gram_inner_fwd, _gram_inner_bwd)
+
+
+@jax.custom_vjp
+def _gram_sq(a: jax.Array) -> jax.Array:
+    """``‖a aᵀ‖²_F = ‖aᵀ a‖²_F`` (a covariance's square sum); 2 matmuls with its VJP."""
+    return jnp.sum(jnp.square(a @ a.T))
+
+
+def _gram_sq_fwd(a):
+    ga = a @ a.T
+    return jnp.sum(jnp.square(ga)), (a, ga)
+
+
+def _gram_sq_bwd(res, g):
+    a, ga = res
+    return ((4 * g) * (ga @ a),)
+
+
+_gram_sq.defvjp(_gram_sq_fwd, _gram_sq_bwd)
+
+
 def correlation_stats(
     a: jax.Array,
     b: jax.Array | None,
@@ -41,26 +84,30 @@ def correlation_stats(
     """Diagonal and off-diagonal square sum of ``c = scale · Σ_n a_nᵀ b_n`` (global batch).
 
     Args:
-      a: ``[batch, M, D]`` local rows (M independent matrices, D features).
+      a: ``[batch, D]`` local rows.
       b: same shape as ``a``, or ``None`` for ``b = a`` (a covariance).
       scale: the factor ``s`` (e.g. ``1/N``).
       axis_name: optional axis; the sum over n runs over the global batch.
-      method: ``"gram"`` (N × N Gram matrices of the gathered batch), ``"feature"``
-        (D × D matrix, ``psum``-reduced) or ``"auto"``: Gram when the global N < D.
+      method: ``"gram"`` (N × N Gram matrices of the global batch), ``"feature"``
+        (the D × D matrix, ``psum``-reduced) or ``"auto"``: Gram when the global N < D.
+        Under ``axis_name`` the Gram path gathers the batch (N·D values) and the feature
+        path reduces D² values, so the same rule also picks the cheaper collective.
 
     Returns:
-      ``(diag [M, D], offdiag_sq [M])`` where ``offdiag_sq = Σ_{i≠j} c_ij²``.
+      ``(diag [D], offdiag_sq [])`` where ``offdiag_sq = Σ_{i≠j} c_ij²``.
     """
     n_global = a.shape[0] * coll.axis_size(axis_name)
-    d = a.shape[-1]
     bb = a if b is None else b
     diag = coll.psum(jnp.sum(a * bb, axis=0), axis_name) * scale
-    if method == "gram" or (method == "auto" and n_global < d):
-        ga = jnp.einsum("imd,jmd->mij", a, coll.all_gather(a, axis_name))
-        gb = ga if b is None else jnp.einsum("imd,jmd->mij", b, coll.all_gather(b, axis_name))
-        frob = coll.psum(jnp.sum(ga * gb, axis=(1, 2)), axis_name) * scale**2
-        return diag, frob - jnp.sum(jnp.square(diag), axis=-1)
-    c = coll.psum(jnp.einsum("imc,imd->mcd", a, bb), axis_name) * scale
+    if method == "gram" or (method == "auto" and n_global < a.shape[-1]):
+        if axis_name is None:
+            frob = _gram_sq(a) if b is None else _gram_inner(a, b)
+        else:  # local rows against the gathered batch: Σ_{i local, j global}
+            ga = a @ coll.all_gather(a, axis_name).T
+            gb = ga if b is None else b @ coll.all_gather(b, axis_name).T
+            frob = coll.psum(jnp.sum(ga * gb), axis_name)
+        return diag, frob * scale**2 - jnp.sum(jnp.square(diag))
+    c = coll.psum(a.T @ bb, axis_name) * scale
     return diag, offdiag_sq_sum(c)
 
 
@@ -110,8 +157,8 @@ def barlow_twins_terms(
     mom_a, mom_b = coll.global_moments(z_a, z_b, axis_name=axis_name)
     a, scale = _standardize(z_a, mom_a, normalize, eps)
     b, _ = _standardize(z_b, mom_b, normalize, eps)
-    diag, off = correlation_stats(a[:, None], b[:, None], scale, axis_name, method=method)
-    return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)), off[0])
+    diag, off = correlation_stats(a, b, scale, axis_name, method=method)
+    return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)), off)
 
 
 def barlow_twins_loss(
@@ -200,7 +247,13 @@ def vicreg_terms(
     def var_cov(z, mom):
         std = jnp.sqrt(mom.m2 / (n - 1) + eps)
         var = jnp.mean(jax.nn.relu(gamma - std))
-        _, off = correlation_stats(z - mom.mean, None, 1.0 / (n - 1), axis_name, method=method)
+        stats = functools.partial(correlation_stats, b=None, scale=1.0 / (n - 1),
+                                  axis_name=axis_name, method=method)
+        centered = z - mom.mean
+        if z.shape[1] == 1:
+            _, off = stats(centered[:, 0])
+        else:  # one covariance per middle position
+            _, off = jax.vmap(stats, in_axes=1)(centered)
         return var, jnp.mean(off) / z.shape[-1]
 
     (var_a, cov_a), (var_b, cov_b) = var_cov(z_a, moments[0]), var_cov(z_b, moments[1])
