@@ -11,6 +11,13 @@ from sslloss_jax._contrastive import dclw_loss as dclw_loss
 from sslloss_jax._contrastive import negative_mises_fisher_weights as negative_mises_fisher_weights
 from sslloss_jax._contrastive import ntxent_loss as ntxent_loss
 from sslloss_jax._contrastive import ntxent_memory_bank_loss as ntxent_memory_bank_loss
+from sslloss_jax._covariance import TiCoState as TiCoState
+from sslloss_jax._covariance import init_tico_state as init_tico_state
+from sslloss_jax._covariance import tico_loss as tico_loss
+from sslloss_jax._distillation import DINOState as DINOState
+from sslloss_jax._distillation import dino_loss as dino_loss
+from sslloss_jax._distillation import dino_teacher_temperature as dino_teacher_temperature
+from sslloss_jax._distillation import init_dino_state as init_dino_state
 from sslloss_jax._memory_bank import MemoryBankState as MemoryBankState
 from sslloss_jax._memory_bank import init_memory_bank as init_memory_bank
 from sslloss_jax._memory_bank import memory_bank_enqueue as memory_bank_enqueue
@@ -22,6 +29,7 @@ from sslloss_jax._redundancy import vicreg_loss as vicreg_loss
 from sslloss_jax._redundancy import vicreg_terms as vicreg_terms
 from sslloss_jax._similarity import alignment_loss as alignment_loss
 from sslloss_jax._similarity import hypersphere_loss as hypersphere_loss
+from sslloss_jax._similarity import koleo_loss as koleo_loss
 from sslloss_jax._similarity import negative_cosine_similarity as negative_cosine_similarity
 from sslloss_jax._similarity import (
     sym_negative_cosine_similarity_loss as sym_negative_cosine_similarity_loss,
@@ -32,21 +40,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BarlowTwinsTerms",
+    "DINOState",
     "MemoryBankState",
+    "TiCoState",
     "VICRegTerms",
     "alignment_loss",
     "barlow_twins_loss",
     "barlow_twins_terms",
     "dcl_loss",
     "dclw_loss",
+    "dino_loss",
+    "dino_teacher_temperature",
     "hypersphere_loss",
+    "init_dino_state",
     "init_memory_bank",
+    "init_tico_state",
+    "koleo_loss",
     "memory_bank_enqueue",
     "negative_cosine_similarity",
     "negative_mises_fisher_weights",
     "ntxent_loss",
     "ntxent_memory_bank_loss",
     "sym_negative_cosine_similarity_loss",
+    "tico_loss",
     "uniformity_loss",
     "vicreg_loss",
     "vicreg_terms",

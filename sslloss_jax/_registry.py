@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import sslloss_jax as S
@@ -88,6 +89,27 @@ def _four_views(rng: np.random.Generator, batch: int, dim: int) -> Example:
 def _bank_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
     key = jax.random.key(int(rng.integers(2**31)))
     return Example(_two_views(rng, batch, dim).batch, S.init_memory_bank(key, 3 * batch + 1, dim))
+
+
+def _dino_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    views = tuple(rng.standard_normal((batch, dim)).astype(np.float32) for _ in range(5))
+    return Example(views, S.init_dino_state(dim))
+
+
+def _apply_dino(batch, state, *, axis_name: AxisName = None, **hyper):
+    """Two global crops (teacher and first two student views) and one local crop."""
+    return S.dino_loss(list(batch[:2]), list(batch[2:]), state, axis_name=axis_name, **hyper)
+
+
+def _tico_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    ex = _two_views(rng, batch, dim)
+    cov = rng.standard_normal((dim, dim)).astype(np.float32)
+    return Example(ex.batch, S.TiCoState(jnp.asarray(cov @ cov.T / dim)))
+
+
+def _apply_tico(batch, state, *, axis_name: AxisName = None, **hyper):
+    z_a, z_b = batch
+    return S.tico_loss(z_a, z_b, state, axis_name=axis_name, **hyper)
 
 
 def _stateless(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, None]]:
@@ -179,6 +201,28 @@ LOSSES: tuple[LossSpec, ...] = (
         False, _STATS + " for all three terms", _stateless(S.vicreg_loss), _two_views,
         {"lambda_param": (25.0, 10.0), "mu_param": (25.0, 5.0), "nu_param": (1.0, 2.0)},
         min_batch=2, symmetric=True,
+    ),
+)
+
+LOSSES += (
+    LossSpec(
+        "dino_loss", "distillation",
+        {"lightly": "DINOLoss", "quadra": "DinoDistillationLoss", "nidl": "DINOLoss"},
+        True, "global mean; center from the global batch mean", _apply_dino, _dino_example,
+        {"teacher_temp": (0.04, 0.07), "student_temp": (0.1, 0.2),
+         "center_momentum": (0.9, 0.5)},
+        grad_argnums=(2, 3, 4),
+    ),
+    LossSpec(
+        "tico_loss", "covariance", {"lightly": "TiCoLoss"},
+        True, "covariance and means over the global batch", _apply_tico, _tico_example,
+        {"beta": (0.9, 0.5), "rho": (8.0, 4.0)}, min_batch=2, numeric_grads=False,
+    ),
+    LossSpec(
+        "koleo_loss", "similarity", {"lightly": "KoLeoLoss"},
+        False, "nearest neighbours over the global batch (DINOv3)",
+        _stateless(S.koleo_loss), lambda rng, b, d: Example(_two_views(rng, b, d).batch[:1]),
+        min_batch=2,
     ),
 )
 

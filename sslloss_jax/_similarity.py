@@ -12,7 +12,13 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import cosine_similarity, l2_normalize, masked_logsumexp, upcast
+from sslloss_jax._numerics import (
+    cosine_similarity,
+    l2_normalize,
+    masked_logsumexp,
+    safe_norm,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "alignment_loss",
     "uniformity_loss",
     "hypersphere_loss",
+    "koleo_loss",
 ]
 
 
@@ -198,3 +205,54 @@ def hypersphere_loss(
     x, y = l2_normalize(z_a), l2_normalize(z_b)
     unif = sum(uniformity_loss(v, t=t, axis_name=axis_name) for v in (x, y))
     return alignment_loss(x, y, alpha=alpha, axis_name=axis_name) + lam * unif / 2.0
+
+
+def koleo_loss(
+    x: ArrayLike, *, p: float = 2, eps: float = 1e-8, axis_name: AxisName = None
+) -> jax.Array:
+    r"""KoLeo (Kozachenko-Leonenko) differential-entropy regularizer (DINOv2).
+
+    .. math:: L = -\frac1N\sum_i \log\big(\lVert \hat x_i - \hat x_{\mathrm{nn}(i)}
+              + \epsilon\rVert_p + \epsilon\big)
+
+    with rows L2-normalized (``eps``), the nearest neighbour by cosine similarity among the
+    other rows, and lightly's double ``eps`` (torch's ``PairwiseDistance`` adds it to the
+    difference, then once more before the log).
+
+    Args:
+      x: ``[batch, dim]`` (global batch >= 2).
+      p: the norm of the distance (>= 1).
+      eps: see above.
+      axis_name: optional axis: neighbours are searched over the **global** batch (DINOv3's
+        distributed KoLeo; lightly searches each rank's batch) and the mean is global.
+
+    Returns:
+      Scalar loss.
+
+    References:
+      Sablayrolles et al., `Spreading vectors for similarity search
+      <https://arxiv.org/abs/1806.03198>`_, 2019; Oquab et al., DINOv2, 2023.
+    """
+    val.check_axis_name(axis_name)
+    if not isinstance(p, (int, float)) or p < 1:
+        raise ValueError(f"p must be a number >= 1, got {p!r}")
+    x = val.as_float_array(x, "x", ndim=2)
+    b = x.shape[0]
+    val.check_min_batch(b * coll.axis_size(axis_name), 2, "KoLeo (a nearest neighbour)",
+                        x.shape)
+    z = l2_normalize(x, eps=eps)
+    keys = coll.all_gather(z, axis_name)
+    self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+    sim = z @ lax.stop_gradient(keys).T
+    sim = jnp.where(jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :] == self_col[:, None],
+                    -2.0, sim)
+    nn = jnp.argmax(lax.stop_gradient(sim), axis=1)
+    diff = z - keys[nn] + eps
+    if p == 2:
+        dist = safe_norm(diff, axis=1)
+    else:
+        a = jnp.abs(diff)
+        pos = jnp.sum(a, axis=1) > 0
+        dist = jnp.where(pos, jnp.sum(jnp.where(pos[:, None], a, 1.0) ** p, axis=1) ** (1 / p),
+                         0.0)
+    return -_batch_mean(jnp.log(dist + eps), axis_name)
