@@ -6,6 +6,11 @@ a sharded batch with the value and gradients of the global batch. See the README
 ``docs/ARCHITECTURE.md`` for the contract.
 """
 
+from sslloss_jax._clustering import SwaVQueueState as SwaVQueueState
+from sslloss_jax._clustering import init_swav_queue as init_swav_queue
+from sslloss_jax._clustering import sinkhorn as sinkhorn
+from sslloss_jax._clustering import swav_loss as swav_loss
+from sslloss_jax._clustering import swav_queue_update as swav_queue_update
 from sslloss_jax._contrastive import dcl_loss as dcl_loss
 from sslloss_jax._contrastive import dclw_loss as dclw_loss
 from sslloss_jax._contrastive import negative_mises_fisher_weights as negative_mises_fisher_weights
@@ -42,6 +47,7 @@ __all__ = [
     "BarlowTwinsTerms",
     "DINOState",
     "MemoryBankState",
+    "SwaVQueueState",
     "TiCoState",
     "VICRegTerms",
     "alignment_loss",
@@ -54,6 +60,7 @@ __all__ = [
     "hypersphere_loss",
     "init_dino_state",
     "init_memory_bank",
+    "init_swav_queue",
     "init_tico_state",
     "koleo_loss",
     "memory_bank_enqueue",
@@ -61,6 +68,9 @@ __all__ = [
     "negative_mises_fisher_weights",
     "ntxent_loss",
     "ntxent_memory_bank_loss",
+    "sinkhorn",
+    "swav_loss",
+    "swav_queue_update",
     "sym_negative_cosine_similarity_loss",
     "tico_loss",
     "uniformity_loss",

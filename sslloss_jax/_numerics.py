@@ -66,7 +66,9 @@ def cosine_similarity(x0: jax.Array, x1: jax.Array, axis: int = -1, eps: float =
     return jnp.sum(l2_normalize(x0, axis, eps) * l2_normalize(x1, axis, eps), axis=axis)
 
 
-def masked_logsumexp(logits: jax.Array, where: jax.Array | None, axis: int = -1) -> jax.Array:
+def masked_logsumexp(
+    logits: jax.Array, where: jax.Array | None, axis: int | tuple[int, ...] = -1
+) -> jax.Array:
     """``log Σ_{j: where_j} exp(logits_j)`` in >= float32 with a stop-gradient max shift.
 
     Entries outside ``where`` neither contribute to the value nor receive gradient, and

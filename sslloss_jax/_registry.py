@@ -20,7 +20,7 @@ import numpy as np
 import sslloss_jax as S
 from sslloss_jax._types import AxisName
 
-__all__ = ["LossSpec", "Example", "LOSSES", "get", "markdown_table"]
+__all__ = ["LossSpec", "Example", "LOSSES", "QUEUE_VARIANTS", "get", "markdown_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,12 @@ class LossSpec:
     grad_argnums: tuple[int, ...] | None = None
     symmetric: bool = False
     numeric_grads: bool = True
+    variant: str = ""
+
+    @property
+    def id(self) -> str:
+        """A test id: the name, plus the variant for alternative configurations."""
+        return f"{self.name}[{self.variant}]" if self.variant else self.name
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -110,6 +116,26 @@ def _tico_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
 def _apply_tico(batch, state, *, axis_name: AxisName = None, **hyper):
     z_a, z_b = batch
     return S.tico_loss(z_a, z_b, state, axis_name=axis_name, **hyper)
+
+
+def _swav_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    crops = tuple(rng.standard_normal((batch, dim)).astype(np.float32) for _ in range(3))
+    return Example(crops)
+
+
+def _apply_swav(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    """Two high-resolution crops and one low-resolution crop."""
+    return S.swav_loss(list(batch[:2]), list(batch[2:]), axis_name=axis_name, **hyper), None
+
+
+def _swav_queue_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    queue = rng.standard_normal((2, 8, dim)).astype(np.float32)  # replicated queue scores
+    return Example(_swav_example(rng, batch, dim).batch, jnp.asarray(queue))
+
+
+def _apply_swav_queue(batch, queue, *, axis_name: AxisName = None, **hyper):
+    loss = S.swav_loss(list(batch[:2]), list(batch[2:]), queue, axis_name=axis_name, **hyper)
+    return loss, queue
 
 
 def _stateless(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, None]]:
@@ -223,6 +249,24 @@ LOSSES += (
         False, "nearest neighbours over the global batch (DINOv3)",
         _stateless(S.koleo_loss), lambda rng, b, d: Example(_two_views(rng, b, d).batch[:1]),
         min_batch=2,
+    ),
+)
+
+LOSSES += (
+    LossSpec(
+        "swav_loss", "clustering", {"lightly": "SwaVLoss"},
+        False, "Sinkhorn sums and the mean over the global batch", _apply_swav,
+        _swav_example, {"temperature": (0.1, 0.2), "sinkhorn_epsilon": (0.05, 0.1)},
+        numeric_grads=False,
+    ),
+)
+
+# Not in the README table (same loss); exercises the queue in the generic tests.
+QUEUE_VARIANTS = (
+    LossSpec(
+        "swav_loss", "clustering", {"lightly": "SwaVLoss(queue_outputs=...)"},
+        True, "queue split across devices", _apply_swav_queue, _swav_queue_example,
+        {"temperature": (0.1, 0.2)}, numeric_grads=False, variant="queue",
     ),
 )
 

@@ -5,10 +5,10 @@ global batch."""
 
 import pytest
 
-from sslloss_jax._registry import LOSSES, get
+from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS, get
 from tests._harness import assert_distributed_equivalent
 
-SPECS = [pytest.param(s, id=s.name) for s in LOSSES]
+SPECS = [pytest.param(s, id=s.id) for s in (*LOSSES, *QUEUE_VARIANTS)]
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sslloss_jax._registry import LOSSES
+from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS
 from tests._harness import assert_tree_close
 
-SPECS = [pytest.param(s, id=s.name) for s in LOSSES]
+SPECS = [pytest.param(s, id=s.id) for s in (*LOSSES, *QUEUE_VARIANTS)]
 
 
 def _example(spec, batch=8, dim=6, seed=0, dtype=np.float32):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import sslloss_jax as S
-from sslloss_jax._registry import LOSSES
+from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS
 
-SPECS = [pytest.param(s, id=s.name) for s in LOSSES]
+SPECS = [pytest.param(s, id=s.id) for s in (*LOSSES, *QUEUE_VARIANTS)]
 
 
 def _batch(spec, b=6, d=4):

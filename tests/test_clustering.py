@@ -1,0 +1,137 @@
+"""Sinkhorn and SwaV: float64 parity with lightly, stability where lightly overflows,
+marginals, masking, the queue and its switch-on without retracing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import sslloss_jax as S
+
+
+def _r(seed, shape, dtype=np.float64):
+    return np.random.RandomState(seed).standard_normal(shape).astype(dtype)
+
+
+def _numpy_sinkhorn(out, iterations=3, eps=0.05):
+    """lightly's algorithm in float64."""
+    q = np.exp(out / eps).T
+    q /= q.sum()
+    b = q.shape[1]
+    for _ in range(iterations):
+        q /= q.sum(1, keepdims=True)
+        q /= q.sum(0, keepdims=True)
+        q /= b
+    return (q * b).T
+
+
+# lightly 1.6.0 SwaVLoss in float64 on the §5 inputs (s12-s17), computed with
+#   T = lambda s, sh: torch.tensor(np.random.RandomState(s).standard_normal(sh))
+#   h = [T(12, (6, 5)), T(13, (6, 5))]; l = [T(14, (6, 5)), T(15, (6, 5))]
+#   q = [T(16, (4, 5)), T(17, (4, 5))]
+#   SwaVLoss()(h, []), SwaVLoss()(h, l), SwaVLoss()(h, l, q)
+# (lightly's float32 values in reference/lightly.md §5, 15.943147 / 10.924601 / 10.711697,
+# are 0.14 % off: its unshifted float32 Sinkhorn loses the small codes to underflow.)
+LIGHTLY_F64 = [15.920565642985625, 10.907155051654655, 10.694701721213509]
+
+
+@pytest.mark.parametrize("stable", [True, False])
+def test_swav_float64_parity_with_lightly(stable):
+    h, low, q = [_r(12, (6, 5)), _r(13, (6, 5))], [_r(14, (6, 5)), _r(15, (6, 5))], [
+        _r(16, (4, 5)), _r(17, (4, 5))]
+    with jax.enable_x64(True):
+        got = [S.swav_loss(h, lo, qu, stable_sinkhorn=stable)
+               for lo, qu in (([], None), (low, None), (low, q))]
+    np.testing.assert_allclose(got, LIGHTLY_F64, rtol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 3, 10])
+def test_sinkhorn_matches_lightly_algorithm(iterations):
+    x = _r(0, (7, 4))
+    with jax.enable_x64(True):
+        for stable in (True, False):
+            np.testing.assert_allclose(
+                S.sinkhorn(x, iterations=iterations, stable=stable),
+                _numpy_sinkhorn(x, iterations), rtol=1e-10, atol=1e-14)
+
+
+def test_sinkhorn_marginals_and_valid_rows():
+    x = _r(1, (12, 3))
+    r = np.array([1.0, 2.0, 5.0])
+    q = np.asarray(S.sinkhorn(x, iterations=500, epsilon=0.5, prototype_marginals=r), np.float64)
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(q.sum(0) / q.sum(), r / r.sum(), rtol=1e-3)
+    valid = np.arange(12) < 9
+    qm = S.sinkhorn(x, iterations=5, valid=valid)
+    assert np.all(np.asarray(qm)[~valid] == 0)
+    np.testing.assert_allclose(qm[:9], S.sinkhorn(x[:9], iterations=5), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_swav_does_not_overflow_where_lightly_does(dtype):
+    """Cosine scores / ε = 20 / 0.05... with τ-scaled scores of 1/τ = 10: exp overflows."""
+    h = [10 * x / np.linalg.norm(x, axis=1, keepdims=True) for x in (_r(3, (8, 6)), _r(4, (8, 6)))]
+    h = [jnp.asarray(x, dtype) for x in h]
+    loss, g = jax.value_and_grad(lambda a, b: S.swav_loss([a, b]), argnums=(0, 1))(*h)
+    assert np.isfinite(loss) and all(np.all(np.isfinite(np.asarray(gi, np.float32))) for gi in g)
+    assert not np.isfinite(S.swav_loss(h, stable_sinkhorn=False))  # lightly's algorithm
+
+
+def test_swav_gradient_is_cross_entropy_with_frozen_codes():
+    with jax.enable_x64(True):
+        h0, h1, l0 = _r(5, (6, 4)), _r(6, (6, 4)), _r(7, (6, 4))
+        codes = [S.sinkhorn(h0), S.sinkhorn(h1)]
+
+        def frozen(h0, h1, l0):
+            ce = lambda z, q: -jnp.mean(jnp.sum(q * jax.nn.log_softmax(z / 0.1, axis=1), 1))
+            return (ce(h1, codes[0]) + ce(l0, codes[0]) + ce(h0, codes[1]) + ce(l0, codes[1])) / 4
+
+        check_grads(frozen, (h0, h1, l0), order=1, modes=("rev",))
+        g = jax.grad(lambda a, b, c: S.swav_loss([a, b], [c]), argnums=(0, 1, 2))(h0, h1, l0)
+        g_ref = jax.grad(frozen, argnums=(0, 1, 2))(h0, h1, l0)
+        for gi, ri in zip(g, g_ref):
+            np.testing.assert_allclose(gi, ri, rtol=1e-10, atol=1e-12)
+
+
+def test_queue_recipe_switches_on_without_retracing():
+    """Score the queued features with the current prototypes; use them once the queue
+    is full (a traced flag), with one compiled step for the whole run."""
+    dim, k, b = 4, 6, 8
+    protos = jnp.asarray(_r(8, (k, dim), np.float32))
+    state = S.init_swav_queue(2, 16, dim)
+    traces = []
+
+    @jax.jit
+    def step(state, f0, f1):
+        traces.append(1)
+        feats = jnp.stack([f0, f1])
+        queue_scores = state.features @ protos.T  # (2, Q, K)
+        loss = S.swav_loss(list(feats @ protos.T), [], queue_scores,
+                           queue_valid=state.filled >= state.features.shape[1])
+        return loss, S.swav_queue_update(state, feats)
+
+    losses = []
+    for i in range(4):
+        f = [jnp.asarray(_r(20 + 2 * i + j, (b, dim), np.float32)) for j in range(2)]
+        loss, state = step(state, *f)
+        losses.append(float(loss))
+        if i < 2:  # queue not full yet: same as no queue
+            np.testing.assert_allclose(loss, S.swav_loss([x @ protos.T for x in f]), rtol=1e-5)
+    assert len(traces) == 1 and int(state.filled) == 16
+    assert losses[2] != pytest.approx(float(S.swav_loss(
+        [jnp.asarray(_r(24 + j, (b, dim), np.float32)) @ protos.T for j in range(2)])))
+
+
+def test_swav_errors():
+    h = [_r(0, (4, 3)), _r(1, (4, 3))]
+    with pytest.raises(ValueError, match="at least two crops"):
+        S.swav_loss(h[:1])
+    with pytest.raises(ValueError, match=r"low_resolution_outputs views must have shape \(4, 3\)"):
+        S.swav_loss(h, [_r(2, (4, 5))])
+    with pytest.raises(ValueError, match="queue_outputs must hold 2 arrays"):
+        S.swav_loss(h, [], [_r(3, (5, 3))])
+    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+        S.sinkhorn(h[0], iterations=-1)
+    with pytest.raises(ValueError, match="epsilon must be positive"):
+        S.sinkhorn(h[0], epsilon=-0.1)
