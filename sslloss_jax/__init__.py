@@ -8,6 +8,10 @@ a sharded batch with the value and gradients of the global batch. See the README
 
 from sslloss_jax._clustering import SwaVQueueState as SwaVQueueState
 from sslloss_jax._clustering import init_swav_queue as init_swav_queue
+from sslloss_jax._clustering import msn_loss as msn_loss
+from sslloss_jax._clustering import pmsn_custom_loss as pmsn_custom_loss
+from sslloss_jax._clustering import pmsn_loss as pmsn_loss
+from sslloss_jax._clustering import power_law_distribution as power_law_distribution
 from sslloss_jax._clustering import sinkhorn as sinkhorn
 from sslloss_jax._clustering import swav_loss as swav_loss
 from sslloss_jax._clustering import swav_queue_update as swav_queue_update
@@ -64,10 +68,14 @@ __all__ = [
     "init_tico_state",
     "koleo_loss",
     "memory_bank_enqueue",
+    "msn_loss",
     "negative_cosine_similarity",
     "negative_mises_fisher_weights",
     "ntxent_loss",
     "ntxent_memory_bank_loss",
+    "pmsn_custom_loss",
+    "pmsn_loss",
+    "power_law_distribution",
     "sinkhorn",
     "swav_loss",
     "swav_queue_update",

@@ -13,10 +13,14 @@ from jax import lax
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, init_memory_bank, memory_bank_enqueue
-from sslloss_jax._numerics import masked_logsumexp, upcast
+from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
+    "msn_loss",
+    "pmsn_loss",
+    "pmsn_custom_loss",
+    "power_law_distribution",
     "sinkhorn",
     "swav_loss",
     "SwaVQueueState",
@@ -268,3 +272,177 @@ def swav_loss(
     cross = -jnp.einsum("ibk,vbk->iv", codes, logp)  # summed over the local batch
     cross = jnp.where(jnp.eye(vh, n_crops, dtype=bool), 0.0, cross)
     return coll.global_mean(jnp.sum(cross), b * (n_crops - 1) * vh, axis_name)
+
+
+def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, temperature,
+               sinkhorn_iterations, axis_name):
+    """Cross entropy to the (sharpened, Sinkhorn-balanced, stop-gradient) target codes,
+    the anchors' log-probabilities and their global mean probability."""
+    val.check_axis_name(axis_name)
+    val.check_temperature(temperature, positive=True)
+    val.check_temperature(target_sharpen_temperature, "target_sharpen_temperature",
+                          positive=True)
+    if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 0:
+        raise ValueError(f"sinkhorn_iterations must be >= 0 but is {sinkhorn_iterations!r}")
+    if isinstance(anchors, (list, tuple)):  # a sequence of [batch, D] views
+        views = _stack_views(anchors, "anchors")
+        shown = f"anchors[0] {views.shape[1:]}"
+        anchors = views.reshape(-1, views.shape[-1])
+    else:
+        anchors = val.as_float_array(anchors, "anchors", ndim=2)
+        shown = f"anchors {anchors.shape}"
+    targets = val.as_float_array(targets, "targets", ndim=2)
+    prototypes = val.as_float_array(prototypes, "prototypes", ndim=2)
+    b, d = targets.shape
+    if anchors.shape[1] != d or prototypes.shape[1] != d:
+        raise ValueError(
+            "anchors, targets and prototypes must share the feature dimension, got "
+            f"{shown}, targets {targets.shape} and prototypes {prototypes.shape}")
+    if anchors.shape[0] % b:
+        raise ValueError(
+            f"anchors must hold a whole number of views of the {b} targets (view-major), "
+            f"got shape {anchors.shape}")
+    a, t, p = (l2_normalize(x) for x in (anchors, targets, prototypes))
+    a, t, p = upcast(a, t, p)
+    anchor_logp = jax.nn.log_softmax((a @ p.T) / temperature, axis=1)
+    target_logp = jax.nn.log_softmax(
+        lax.stop_gradient(t @ p.T) / (temperature * target_sharpen_temperature), axis=1)
+    codes = (sinkhorn(target_logp, iterations=sinkhorn_iterations, epsilon=1.0,
+                      axis_name=axis_name) if sinkhorn_iterations else jnp.exp(target_logp))
+    codes = jnp.tile(lax.stop_gradient(codes), (anchors.shape[0] // b, 1))
+    n = anchors.shape[0]
+    ce = coll.global_mean(-jnp.sum(codes * anchor_logp), n, axis_name)
+    mean_probs = coll.global_mean(jnp.sum(jnp.exp(anchor_logp), axis=0), n, axis_name)
+    return ce, anchor_logp, mean_probs
+
+
+def _xlogx(p: jax.Array) -> jax.Array:
+    """``p·log p`` with 0·log 0 = 0 and a finite gradient at 0."""
+    pos = p > 0
+    return jnp.where(pos, p * jnp.log(jnp.where(pos, p, 1.0)), 0.0)
+
+
+def _msn_total(ce, anchor_logp, reg, regularization_weight, entropy_weight, axis_name):
+    loss = ce + regularization_weight * reg
+    if entropy_weight:
+        entropy = -jnp.sum(jnp.exp(anchor_logp) * anchor_logp)
+        loss = loss + entropy_weight * coll.global_mean(entropy, anchor_logp.shape[0], axis_name)
+    return loss
+
+
+def msn_loss(
+    anchors: ArrayLike,
+    targets: ArrayLike,
+    prototypes: ArrayLike,
+    *,
+    target_sharpen_temperature: ArrayLike = 0.25,
+    temperature: ArrayLike = 0.1,
+    sinkhorn_iterations: int = 3,
+    regularization_weight: ArrayLike = 1.0,
+    entropy_weight: ArrayLike = 0.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Masked Siamese Networks loss (MSN).
+
+    Anchor probabilities :math:`a = \operatorname{softmax}(\hat x\hat P^\top/\tau)`; target
+    codes: the (stop-gradient) target probabilities sharpened by ``T`` and balanced by
+    Sinkhorn; cross entropy averaged over anchors, plus the mean-entropy maximization
+    regularizer :math:`\sum_k \bar a_k\log\bar a_k + \log K` and, optionally, the official
+    config's anchor-entropy term (``entropy_weight``; lightly issue #1792).
+
+    Args:
+      anchors: ``[views·batch, D]`` view-major (rows ``v·B .. (v+1)·B − 1`` are view v),
+        as lightly, or a sequence of ``[batch, D]`` views (the form to use under
+        ``axis_name``: each device passes its own views).
+      targets: ``[batch, D]``.
+      prototypes: ``[K, D]`` (learnable).
+      target_sharpen_temperature: T (lightly's forward argument).
+      temperature: τ > 0.
+      sinkhorn_iterations: 0 disables Sinkhorn.
+      regularization_weight: weight of the mean-entropy regularizer.
+      entropy_weight: weight of the mean anchor entropy (0: off, as lightly).
+      axis_name: optional axis: Sinkhorn sums, the means, and the regularizer's mean
+        anchor probability :math:`\bar a` are over the global batch (official MSN; lightly
+        uses each rank's local mean).
+
+    References:
+      Assran et al., `Masked Siamese Networks for Label-Efficient Learning
+      <https://arxiv.org/abs/2204.07141>`_, 2022.
+    """
+    ce, logp, mean_probs = _msn_terms(anchors, targets, prototypes, target_sharpen_temperature,
+                                      temperature, sinkhorn_iterations, axis_name)
+    reg = jnp.sum(_xlogx(mean_probs)) + math.log(mean_probs.shape[0])
+    return _msn_total(ce, logp, reg, regularization_weight, entropy_weight, axis_name)
+
+
+def _kl_to_target(target: jax.Array, mean_probs: jax.Array) -> jax.Array:
+    """KL(target ‖ mean_probs) = Σ π (log π − log p̄), safe where π = 0."""
+    safe = jnp.where(mean_probs > 0, mean_probs, 1.0)
+    return jnp.sum(_xlogx(target) - jnp.where(target > 0, target * jnp.log(safe), 0.0))
+
+
+def pmsn_custom_loss(
+    anchors: ArrayLike,
+    targets: ArrayLike,
+    prototypes: ArrayLike,
+    *,
+    target_distribution,
+    target_sharpen_temperature: ArrayLike = 0.25,
+    temperature: ArrayLike = 0.1,
+    sinkhorn_iterations: int = 3,
+    regularization_weight: ArrayLike = 1.0,
+    entropy_weight: ArrayLike = 0.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    """MSN with the regularizer ``KL(π ‖ ā)`` to a prior ``π = target_distribution(ā)``.
+
+    ``target_distribution`` maps the ``[K]`` mean anchor probabilities to a ``[K]``
+    distribution (lightly's ``PMSNCustomLoss``); see :func:`msn_loss` for the rest.
+    """
+    if not callable(target_distribution):
+        raise TypeError(f"target_distribution must be callable, got {target_distribution!r}")
+    ce, logp, mean_probs = _msn_terms(anchors, targets, prototypes, target_sharpen_temperature,
+                                      temperature, sinkhorn_iterations, axis_name)
+    target = jnp.asarray(target_distribution(mean_probs))
+    if target.shape != mean_probs.shape:
+        raise ValueError(
+            f"target_distribution must return shape {mean_probs.shape}, got {target.shape}")
+    reg = _kl_to_target(lax.stop_gradient(target).astype(mean_probs.dtype), mean_probs)
+    return _msn_total(ce, logp, reg, regularization_weight, entropy_weight, axis_name)
+
+
+def power_law_distribution(size: int, exponent: ArrayLike = 0.25) -> jax.Array:
+    """``π_k ∝ k^(−exponent)`` for ``k = 1..size`` in prototype order (PMSN's prior)."""
+    k = jnp.arange(1, size + 1, dtype=jnp.float32)
+    p = k ** (-jnp.asarray(exponent, jnp.float32))
+    return p / jnp.sum(p)
+
+
+def pmsn_loss(
+    anchors: ArrayLike,
+    targets: ArrayLike,
+    prototypes: ArrayLike,
+    *,
+    target_sharpen_temperature: ArrayLike = 0.25,
+    temperature: ArrayLike = 0.1,
+    sinkhorn_iterations: int = 3,
+    regularization_weight: ArrayLike = 1.0,
+    power_law_exponent: ArrayLike = 0.25,
+    entropy_weight: ArrayLike = 0.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Prior-matching MSN (PMSN): :func:`pmsn_custom_loss` with a power-law prior.
+
+    The regularizer is :math:`\mathrm{KL}(\pi\,\|\,\bar a)` with
+    :math:`\pi_k \propto k^{-\alpha}` (lightly's docstring says KL(ā, π) but computes this).
+
+    References:
+      Assran et al., `The Hidden Uniform Cluster Prior in Self-Supervised Learning
+      <https://arxiv.org/abs/2210.07277>`_, 2022.
+    """
+    return pmsn_custom_loss(
+        anchors, targets, prototypes,
+        target_distribution=lambda p: power_law_distribution(p.shape[0], power_law_exponent),
+        target_sharpen_temperature=target_sharpen_temperature, temperature=temperature,
+        sinkhorn_iterations=sinkhorn_iterations, regularization_weight=regularization_weight,
+        entropy_weight=entropy_weight, axis_name=axis_name)

@@ -29,7 +29,9 @@ class Example:
 
     Attributes:
       batch: arrays whose axis 0 is the batch (sharded under ``axis_name``).
-      state: the initial state of a stateful loss (replicated), else ``None``.
+      state: the initial state of a stateful loss, or other replicated inputs (e.g.
+        prototypes, queue scores) that the uniform ``apply`` passes in its state slot and
+        returns unchanged; ``None`` if there are none.
     """
 
     batch: tuple[np.ndarray, ...]
@@ -136,6 +138,22 @@ def _swav_queue_example(rng: np.random.Generator, batch: int, dim: int) -> Examp
 def _apply_swav_queue(batch, queue, *, axis_name: AxisName = None, **hyper):
     loss = S.swav_loss(list(batch[:2]), list(batch[2:]), queue, axis_name=axis_name, **hyper)
     return loss, queue
+
+
+def _msn_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    views = tuple(rng.standard_normal((batch, dim)).astype(np.float32) for _ in range(3))
+    return Example(views, jnp.asarray(rng.standard_normal((7, dim)), jnp.float32))
+
+
+def _msn_apply(fn):
+    """Two anchor views and the targets; the prototypes ride in the state slot
+    (replicated, returned unchanged)."""
+
+    def apply(batch, prototypes, *, axis_name: AxisName = None, **hyper):
+        return fn(list(batch[:2]), batch[2], prototypes, axis_name=axis_name,
+                  **hyper), prototypes
+
+    return apply
 
 
 def _stateless(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, None]]:
@@ -261,11 +279,26 @@ LOSSES += (
     ),
 )
 
+LOSSES += (
+    LossSpec(
+        "msn_loss", "clustering", {"lightly": "MSNLoss"},
+        False, "Sinkhorn sums, means and the regularizer's mean probability over the "
+        "global batch", _msn_apply(S.msn_loss), _msn_example,
+        {"temperature": (0.1, 0.2), "target_sharpen_temperature": (0.25, 0.5),
+         "regularization_weight": (1.0, 3.0)}, grad_argnums=(0, 1),
+    ),
+    LossSpec(
+        "pmsn_loss", "clustering", {"lightly": "PMSNLoss"},
+        False, "as msn_loss", _msn_apply(S.pmsn_loss), _msn_example,
+        {"temperature": (0.1, 0.2), "power_law_exponent": (0.25, 0.5)}, grad_argnums=(0, 1),
+    ),
+)
+
 # Not in the README table (same loss); exercises the queue in the generic tests.
 QUEUE_VARIANTS = (
     LossSpec(
         "swav_loss", "clustering", {"lightly": "SwaVLoss(queue_outputs=...)"},
-        True, "queue split across devices", _apply_swav_queue, _swav_queue_example,
+        False, "queue split across devices", _apply_swav_queue, _swav_queue_example,
         {"temperature": (0.1, 0.2)}, numeric_grads=False, variant="queue",
     ),
 )

@@ -147,7 +147,7 @@ def distributed_inputs(spec: LossSpec, *, global_batch=16, d_in=6, d_out=5, seed
     rng = np.random.default_rng(seed)
     ex = spec.example(rng, global_batch, d_in)
     w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
-    if spec.stateful:  # rebuild the state for the encoder's output dimension
+    if ex.state is not None:  # rebuild state / replicated inputs for the output dimension
         ex = spec.example(np.random.default_rng(seed), global_batch, d_out)
         ex = type(ex)(tuple(rng.standard_normal((global_batch, d_in)).astype(np.float32)
                             for _ in ex.batch), ex.state)

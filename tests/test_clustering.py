@@ -135,3 +135,52 @@ def test_swav_errors():
         S.sinkhorn(h[0], iterations=-1)
     with pytest.raises(ValueError, match="epsilon must be positive"):
         S.sinkhorn(h[0], epsilon=-0.1)
+
+
+def _msn_inputs():
+    return _r(9, (12, 8), np.float32), _r(10, (6, 8), np.float32), _r(11, (5, 8), np.float32)
+
+
+def test_msn_pmsn_lightly_values_and_layouts():
+    a, t, p = _msn_inputs()
+    np.testing.assert_allclose(
+        [S.msn_loss(a, t, p), S.msn_loss(a, t, p, sinkhorn_iterations=0), S.pmsn_loss(a, t, p)],
+        [5.208570, 4.633255, 5.269849], rtol=1e-5)
+    np.testing.assert_allclose(S.msn_loss([a[:6], a[6:]], t, p), S.msn_loss(a, t, p), rtol=1e-6)
+    custom = S.pmsn_custom_loss(a, t, p, target_distribution=lambda m: S.power_law_distribution(5))
+    np.testing.assert_allclose(custom, S.pmsn_loss(a, t, p), rtol=1e-6)
+
+
+def test_pmsn_regularizer_by_hand():
+    """PMSN reg of ā = [0.1, 0.3, 0.6] against a power law of exponent 0.25 (lightly)."""
+    from sslloss_jax._clustering import _kl_to_target
+
+    pi = np.arange(1, 4) ** -0.25
+    pi = pi / pi.sum()
+    ref = np.sum(pi * np.log(pi / np.array([0.1, 0.3, 0.6])))
+    np.testing.assert_allclose(
+        _kl_to_target(S.power_law_distribution(3, 0.25), jnp.array([0.1, 0.3, 0.6])), ref,
+        rtol=1e-6)
+
+
+def test_msn_targets_get_no_gradient_and_entropy_term():
+    a, t, p = _msn_inputs()
+    g = jax.grad(lambda a, t, p: S.msn_loss(a, t, p), argnums=(0, 1, 2))(a, t, p)
+    assert np.all(g[1] == 0) and np.any(g[0] != 0) and np.any(g[2] != 0)
+    probs = jax.nn.softmax((a / np.linalg.norm(a, axis=1, keepdims=True))
+                           @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T / 0.1, axis=1)
+    entropy = -np.mean(np.sum(probs * np.log(probs), 1))
+    np.testing.assert_allclose(S.msn_loss(a, t, p, entropy_weight=0.5) - S.msn_loss(a, t, p),
+                               0.5 * entropy, rtol=1e-4)
+
+
+def test_msn_errors():
+    a, t, p = _msn_inputs()
+    with pytest.raises(ValueError, match="whole number of views"):
+        S.msn_loss(a[:10], t, p)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        S.msn_loss(a, t, p, temperature=-0.1)
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 0"):
+        S.msn_loss(a, t, p, sinkhorn_iterations=-1)
+    with pytest.raises(TypeError, match="target_distribution must be callable"):
+        S.pmsn_custom_loss(a, t, p, target_distribution=None)
