@@ -15,6 +15,8 @@ from sslloss_jax._clustering import power_law_distribution as power_law_distribu
 from sslloss_jax._clustering import sinkhorn as sinkhorn
 from sslloss_jax._clustering import swav_loss as swav_loss
 from sslloss_jax._clustering import swav_queue_update as swav_queue_update
+from sslloss_jax._contrastive import co2_memory_bank_regularizer as co2_memory_bank_regularizer
+from sslloss_jax._contrastive import co2_regularizer as co2_regularizer
 from sslloss_jax._contrastive import dcl_loss as dcl_loss
 from sslloss_jax._contrastive import dclw_loss as dclw_loss
 from sslloss_jax._contrastive import negative_mises_fisher_weights as negative_mises_fisher_weights
@@ -57,6 +59,8 @@ __all__ = [
     "alignment_loss",
     "barlow_twins_loss",
     "barlow_twins_terms",
+    "co2_memory_bank_regularizer",
+    "co2_regularizer",
     "dcl_loss",
     "dclw_loss",
     "dino_loss",

@@ -16,6 +16,8 @@ from sslloss_jax._numerics import l2_normalize, masked_logsumexp
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
+    "co2_regularizer",
+    "co2_memory_bank_regularizer",
     "ntxent_loss",
     "ntxent_memory_bank_loss",
     "dcl_loss",
@@ -342,3 +344,89 @@ def dclw_loss(
         z0, z1, temperature, axis_name, exclude_positive=True,
         pos_weight=jnp.concatenate([w, w]).astype(z0.dtype),
     )
+
+
+def _co2_divergence(z0, z1, negatives, t_consistency, axis_name):
+    """α-free CO2 term: ½·[KL(q‖p) + KL(p‖q)] averaged over the global batch, where p and
+    q are the softmaxes over [positive, negatives] of each view against the other."""
+    b = z0.shape[0]
+
+    def pseudo_labels(query, positive, neg_keys, self_mask):
+        pos = jnp.sum(query * positive, axis=1, keepdims=True)
+        neg = query @ neg_keys.T
+        logits = jnp.concatenate([pos, neg], axis=1) / t_consistency
+        if self_mask is None:
+            return jax.nn.log_softmax(logits, axis=1), None
+        where = jnp.concatenate([jnp.ones((b, 1), bool), self_mask], axis=1)
+        logp = logits - masked_logsumexp(logits, where, axis=1)[:, None]
+        return jnp.where(where, logp, 0.0), where
+
+    if negatives is None:  # the other samples of the (global) batch
+        n = b * coll.axis_size(axis_name)
+        self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+        mask = jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
+        p, where = pseudo_labels(z0, z1, coll.all_gather(z1, axis_name), mask)
+        q, _ = pseudo_labels(z1, z0, coll.all_gather(z0, axis_name), mask)
+    else:
+        p, where = pseudo_labels(z0, z1, negatives, None)
+        q, _ = pseudo_labels(z1, z0, negatives, None)
+    kl = (jnp.exp(q) - jnp.exp(p)) * (q - p)  # KL(q‖p) + KL(p‖q) elementwise
+    if where is not None:
+        kl = jnp.where(where, kl, 0.0)
+    return 0.5 * coll.global_mean(jnp.sum(kl), b, axis_name)
+
+
+def co2_regularizer(
+    out0: ArrayLike,
+    out1: ArrayLike,
+    *,
+    alpha: ArrayLike = 1.0,
+    t_consistency: ArrayLike = 0.05,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""CO2 consistency regularizer without a memory bank (negatives: the other samples).
+
+    .. math:: R = \alpha\cdot\tfrac12\big[\mathrm{KL}(q\,\|\,p) + \mathrm{KL}(p\,\|\,q)\big]
+
+    where p (q) is the softmax over ``[⟨z0_i, z1_i⟩, ⟨z0_i, z1_j⟩_{j≠i}] / t`` (roles
+    swapped), the KL divergences averaged over the batch (``batchmean``).
+
+    Unlike lightly's ``CO2Regularizer``, which wraps its result in ``torch.tensor`` (no
+    gradient since lightly #1766), this is differentiable; the value is lightly's.
+    Under ``axis_name`` the negatives are the other samples of the global batch.
+
+    References:
+      Wei et al., `CO2: Consistent Contrast for Unsupervised Visual Representation
+      Learning <https://arxiv.org/abs/2010.02217>`_, 2021.
+    """
+    val.check_temperature(t_consistency, "t_consistency")
+    val.check_scalar_param(alpha, "alpha")
+    z0, z1 = _check_pair(out0, out1, axis_name)
+    val.check_min_batch(z0.shape[0] * coll.axis_size(axis_name), 2, "CO2 (in-batch negatives)",
+                        z0.shape)
+    return alpha * _co2_divergence(z0, z1, None, t_consistency, axis_name)
+
+
+def co2_memory_bank_regularizer(
+    out0: ArrayLike,
+    out1: ArrayLike,
+    bank: MemoryBankState,
+    *,
+    alpha: ArrayLike = 1.0,
+    t_consistency: ArrayLike = 0.05,
+    update: bool = True,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, MemoryBankState]:
+    """:func:`co2_regularizer` against a memory bank (lightly's ``memory_bank_size > 0``).
+
+    The negatives are the bank rows **before** the update (stop-gradient); the normalized
+    ``out1`` is enqueued afterwards (lightly updates on every call). Returns
+    ``(regularizer, new_bank)``.
+    """
+    val.check_temperature(t_consistency, "t_consistency")
+    val.check_scalar_param(alpha, "alpha")
+    z0, z1 = _check_pair(out0, out1, axis_name)
+    check_memory_bank(bank, z0.shape[1])
+    negatives = lax.stop_gradient(bank.bank).astype(z0.dtype)
+    loss = alpha * _co2_divergence(z0, z1, negatives, t_consistency, axis_name)
+    return loss, (memory_bank_enqueue(bank, z1, axis_name=axis_name) if update else bank)

@@ -294,6 +294,26 @@ LOSSES += (
     ),
 )
 
+def _apply_co2_bank(batch, state, *, axis_name: AxisName = None, **hyper):
+    out0, out1 = batch
+    return S.co2_memory_bank_regularizer(out0, out1, state, axis_name=axis_name, **hyper)
+
+
+LOSSES += (
+    LossSpec(
+        "co2_regularizer", "contrastive", {"lightly": "CO2Regularizer (detached there)"},
+        False, "negatives all-gathered; global mean", _stateless(S.co2_regularizer),
+        _two_views, {"alpha": (1.0, 0.5), "t_consistency": (0.05, 0.2)}, min_batch=2,
+        symmetric=True,
+    ),
+    LossSpec(
+        "co2_memory_bank_regularizer", "contrastive",
+        {"lightly": "CO2Regularizer(memory_bank_size=(n, d))"},
+        True, "global mean; global batch enqueued on every device", _apply_co2_bank,
+        _bank_example, {"t_consistency": (0.05, 0.2)},
+    ),
+)
+
 # Not in the README table (same loss); exercises the queue in the generic tests.
 QUEUE_VARIANTS = (
     LossSpec(

@@ -198,3 +198,27 @@ def test_symmetric_vjp_matches_autodiff_path(exclude_positive, tau):
         assert_tree_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
         check_grads(lambda a, b, t: loss(a, b, t, w, True), (z0, z1, tau), order=1,
                     modes=("rev",))
+
+
+def test_co2_lightly_value_gradient_and_bank():
+    r = lambda s, sh: np.random.RandomState(s).standard_normal(sh).astype(np.float32)
+    x0, x1 = r(0, (6, 8)), r(1, (6, 8))
+    np.testing.assert_allclose(S.co2_regularizer(x0, x1), 3.962177, rtol=1e-5)
+    g = jax.grad(S.co2_regularizer, argnums=(0, 1))(x0, x1)
+    assert all(np.any(gi != 0) for gi in g)  # lightly's is detached (no gradient)
+    np.testing.assert_allclose(S.co2_regularizer(x0, x1, alpha=0.5),
+                               0.5 * S.co2_regularizer(x0, x1), rtol=1e-6)
+    bank = S.init_memory_bank(jax.random.key(0), 10, 8)
+    reg, new = S.co2_memory_bank_regularizer(x0, x1, bank)
+    assert reg > 0 and int(new.ptr) == 6
+    z0, z1 = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (x0, x1))
+
+    def logp(a, b):
+        logits = np.concatenate([(a * b).sum(1, keepdims=True), a @ np.asarray(bank.bank).T], 1)
+        logits = logits / 0.05
+        return logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
+                               keepdims=True)) - logits.max(1, keepdims=True)
+
+    p, q = logp(z0, z1), logp(z1, z0)
+    ref = 0.5 * np.sum((np.exp(q) - np.exp(p)) * (q - p)) / 6
+    np.testing.assert_allclose(reg, ref, rtol=1e-4)
