@@ -26,9 +26,13 @@ from sslloss_jax._covariance import TiCoState as TiCoState
 from sslloss_jax._covariance import init_tico_state as init_tico_state
 from sslloss_jax._covariance import tico_loss as tico_loss
 from sslloss_jax._distillation import DINOState as DINOState
+from sslloss_jax._distillation import IBOTState as IBOTState
 from sslloss_jax._distillation import dino_loss as dino_loss
 from sslloss_jax._distillation import dino_teacher_temperature as dino_teacher_temperature
+from sslloss_jax._distillation import ibot_patch_loss as ibot_patch_loss
+from sslloss_jax._distillation import ibot_plus_plus_patch_loss as ibot_plus_plus_patch_loss
 from sslloss_jax._distillation import init_dino_state as init_dino_state
+from sslloss_jax._distillation import init_ibot_state as init_ibot_state
 from sslloss_jax._memory_bank import MemoryBankState as MemoryBankState
 from sslloss_jax._memory_bank import init_memory_bank as init_memory_bank
 from sslloss_jax._memory_bank import memory_bank_enqueue as memory_bank_enqueue
@@ -52,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BarlowTwinsTerms",
     "DINOState",
+    "IBOTState",
     "MemoryBankState",
     "SwaVQueueState",
     "TiCoState",
@@ -66,6 +71,9 @@ __all__ = [
     "dino_loss",
     "dino_teacher_temperature",
     "hypersphere_loss",
+    "ibot_patch_loss",
+    "ibot_plus_plus_patch_loss",
+    "init_ibot_state",
     "init_dino_state",
     "init_memory_bank",
     "init_swav_queue",

@@ -1,7 +1,9 @@
-"""Self-distillation losses with a teacher center: DINO (and its temperature schedule)."""
+"""Self-distillation losses with a teacher center: DINO (and its temperature schedule),
+iBOT and iBOT++ patch losses."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -15,6 +17,10 @@ from sslloss_jax._numerics import upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
+    "IBOTState",
+    "init_ibot_state",
+    "ibot_patch_loss",
+    "ibot_plus_plus_patch_loss",
     "DINOState",
     "init_dino_state",
     "dino_loss",
@@ -186,3 +192,146 @@ def dino_loss(
     loss = coll.global_mean(jnp.sum(cross), n_terms * t.shape[1], axis_name)
     new_center = update_center(jnp.asarray(state.center), t, center_momentum, axis_name)
     return loss, DINOState(new_center)
+
+
+class IBOTState(NamedTuple):
+    """State of the iBOT / iBOT++ patch losses: the ``[output_dim]`` teacher center."""
+
+    center: jax.Array
+
+
+def init_ibot_state(output_dim: int, dtype: jnp.dtype = jnp.float32) -> IBOTState:
+    """A zero center (lightly's ``Center`` buffer)."""
+    return IBOTState(init_dino_state(output_dim, dtype).center)
+
+
+def _patch_inputs(teacher_out, student_out, mask, state, mask_required: bool):
+    t = val.as_float_array(teacher_out, "teacher_out", ndim=3)
+    s = val.as_float_array(student_out, "student_out", ndim=3)
+    val.check_same_shape(t, s, "teacher_out", "student_out")
+    b, n, k = t.shape
+    if not isinstance(state, IBOTState):
+        raise TypeError(f"state must be an IBOTState (see init_ibot_state), got {type(state)}")
+    if jnp.shape(state.center) != (k,):
+        raise ValueError(f"state.center must have shape ({k},), got {jnp.shape(state.center)}")
+    if mask is None:
+        if mask_required:
+            raise ValueError("mask is required")
+        return t, s, None
+    m = jnp.asarray(mask)
+    if m.dtype != jnp.bool_:
+        raise TypeError(f"mask must be boolean, got {m.dtype}")
+    if m.shape[:1] != (b,) or math.prod(m.shape[1:]) != n or m.ndim not in (2, 3):
+        raise ValueError(
+            f"mask must have shape (B, N) or (B, H, W) with H·W = N for outputs of shape "
+            f"{t.shape}, got {m.shape}")
+    return t, s, m.reshape(b, n)
+
+
+def _patch_cross_entropy(t, s, center, teacher_temp, student_temp):
+    """Per-token CE between the centered, sharpened (stop-gradient) teacher and the student."""
+    t32, s32, c = upcast(t, s, center)
+    probs = jax.nn.softmax(lax.stop_gradient(t32 - c[None, None]) / teacher_temp, axis=-1)
+    return -jnp.sum(probs * jax.nn.log_softmax(s32 / student_temp, axis=-1), axis=-1)
+
+
+def _check_patch_hyper(teacher_temp, student_temp, center_momentum, axis_name):
+    val.check_axis_name(axis_name)
+    val.check_temperature(teacher_temp, "teacher_temp")
+    val.check_temperature(student_temp, "student_temp")
+    val.check_in_range(center_momentum, "center_momentum", 0.0, 1.0)
+
+
+def ibot_patch_loss(
+    teacher_out: ArrayLike,
+    student_out: ArrayLike,
+    mask: ArrayLike,
+    state: IBOTState,
+    *,
+    teacher_temp: ArrayLike = 0.04,
+    student_temp: ArrayLike = 0.1,
+    center_momentum: ArrayLike = 0.9,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, IBOTState]:
+    r"""iBOT masked-patch loss (as in DINOv2 and lightly's ``IBOTPatchLoss``).
+
+    .. math:: L = \frac1B\sum_b \frac{1}{\max(n_b, 1)}\sum_{i\,\in\,\mathrm{masked}(b)}
+              -\operatorname{softmax}\!\Big(\frac{T_{b,i}-c}{\tau_t}\Big)\cdot
+               \log\operatorname{softmax}\!\Big(\frac{S_{b,i}}{\tau_s}\Big)
+
+    lightly gathers the masked tokens into a data-dependent ``(M, K)`` array; here the
+    outputs keep their fixed ``[B, N, K]`` shape and a boolean mask selects the tokens,
+    with exactly lightly's per-image normalization (images without masked tokens count in
+    B). The center is used, then updated from the **masked** teacher tokens only
+    (unchanged if no token is masked anywhere; lightly would produce NaN).
+
+    Args:
+      teacher_out, student_out: ``[B, N, K]`` patch outputs (teacher stop-gradient).
+      mask: ``[B, N]`` or ``[B, H, W]`` boolean, True = masked.
+      state: :class:`IBOTState`.
+      teacher_temp, student_temp, center_momentum: as :func:`dino_loss`.
+      axis_name: optional axis: global mean over images, global center statistics.
+
+    Returns:
+      ``(loss, new_state)``.
+
+    References:
+      Zhou et al., `iBOT: Image BERT Pre-Training with Online Tokenizer
+      <https://arxiv.org/abs/2111.07832>`_, 2022.
+    """
+    _check_patch_hyper(teacher_temp, student_temp, center_momentum, axis_name)
+    t, s, m = _patch_inputs(teacher_out, student_out, mask, state, mask_required=True)
+    center = jnp.asarray(state.center)
+    ce = _patch_cross_entropy(t, s, center, teacher_temp, student_temp)  # (B, N)
+    mf = m.astype(ce.dtype)
+    per_image = jnp.sum(ce * mf, axis=1) / jnp.maximum(jnp.sum(mf, axis=1), 1.0)
+    loss = coll.global_mean(jnp.sum(per_image), t.shape[0], axis_name)
+    tokens = lax.stop_gradient(upcast(t)[0]) * mf[..., None]
+    stats = coll.psum(jnp.concatenate([jnp.sum(tokens, axis=(0, 1)), jnp.sum(mf)[None]]),
+                      axis_name)
+    count = stats[-1]
+    mean = stats[:-1] / jnp.maximum(count, 1.0)
+    m_ = jnp.asarray(center_momentum)
+    updated = (m_ * center + (1 - m_) * mean).astype(center.dtype)
+    return loss, IBOTState(jnp.where(count > 0, updated, center))
+
+
+def ibot_plus_plus_patch_loss(
+    teacher_out: ArrayLike,
+    student_out: ArrayLike,
+    state: IBOTState,
+    mask: ArrayLike | None = None,
+    *,
+    teacher_temp: ArrayLike = 0.04,
+    student_temp: ArrayLike = 0.1,
+    center_momentum: ArrayLike = 0.9,
+    visible_loss_weight: ArrayLike = 1.0,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, IBOTState]:
+    r"""iBOT++ patch loss (TIPSv2): masked and visible tokens, each normalized per image.
+
+    Without a mask: the mean CE over all tokens. With a mask:
+    :math:`\operatorname{mean}_b(\mathrm{masked}_b + w\cdot\mathrm{visible}_b)`, each a
+    per-image mean with its count clamped to >= 1 (lightly's ``IBOTPlusPlusPatchLoss``).
+    The center is updated from **all** teacher tokens.
+
+    Args:
+      teacher_out, student_out: ``[B, N, K]``.
+      state: :class:`IBOTState`.
+      mask: optional ``[B, N]`` / ``[B, H, W]`` boolean.
+      visible_loss_weight: w (may be traced); 0 recovers the masked-only iBOT term.
+      teacher_temp, student_temp, center_momentum, axis_name: as :func:`ibot_patch_loss`.
+    """
+    _check_patch_hyper(teacher_temp, student_temp, center_momentum, axis_name)
+    t, s, m = _patch_inputs(teacher_out, student_out, mask, state, mask_required=False)
+    center = jnp.asarray(state.center)
+    ce = _patch_cross_entropy(t, s, center, teacher_temp, student_temp)
+    b, n = ce.shape
+    if m is None:
+        loss = coll.global_mean(jnp.sum(ce), b * n, axis_name)
+    else:
+        mf = m.astype(ce.dtype)
+        masked = jnp.sum(ce * mf, axis=1) / jnp.maximum(jnp.sum(mf, axis=1), 1.0)
+        visible = jnp.sum(ce * (1 - mf), axis=1) / jnp.maximum(jnp.sum(1 - mf, axis=1), 1.0)
+        loss = coll.global_mean(jnp.sum(masked + visible_loss_weight * visible), b, axis_name)
+    return loss, IBOTState(update_center(center, t, center_momentum, axis_name))

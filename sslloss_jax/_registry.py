@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import sslloss_jax as S
 from sslloss_jax._types import AxisName
@@ -152,6 +153,26 @@ def _msn_apply(fn):
     def apply(batch, prototypes, *, axis_name: AxisName = None, **hyper):
         return fn(list(batch[:2]), batch[2], prototypes, axis_name=axis_name,
                   **hyper), prototypes
+
+    return apply
+
+
+def _patch_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    tokens = tuple(rng.standard_normal((batch, 4, dim)).astype(np.float32) for _ in range(2))
+    return Example(tokens, S.init_ibot_state(dim))
+
+
+def _apply_ibot(plus_plus: bool):
+    """Teacher and student tokens; the mask is derived from the teacher's values
+    (deterministic and identical however the batch is sharded)."""
+
+    def apply(batch, state, *, axis_name: AxisName = None, **hyper):
+        teacher, student = batch
+        mask = lax.stop_gradient(teacher[..., 0]) > 0 if hasattr(teacher, "shape") else None
+        if plus_plus:
+            return S.ibot_plus_plus_patch_loss(teacher, student, state, mask,
+                                               axis_name=axis_name, **hyper)
+        return S.ibot_patch_loss(teacher, student, mask, state, axis_name=axis_name, **hyper)
 
     return apply
 
@@ -311,6 +332,21 @@ LOSSES += (
         {"lightly": "CO2Regularizer(memory_bank_size=(n, d))"},
         True, "global mean; global batch enqueued on every device", _apply_co2_bank,
         _bank_example, {"t_consistency": (0.05, 0.2)},
+    ),
+)
+
+LOSSES += (
+    LossSpec(
+        "ibot_patch_loss", "distillation", {"lightly": "IBOTPatchLoss"},
+        True, "global mean over images; center from the global masked tokens",
+        _apply_ibot(False), _patch_example,
+        {"teacher_temp": (0.04, 0.07), "center_momentum": (0.9, 0.5)}, grad_argnums=(1,),
+    ),
+    LossSpec(
+        "ibot_plus_plus_patch_loss", "distillation", {"lightly": "IBOTPlusPlusPatchLoss"},
+        True, "global mean over images; center from all global tokens", _apply_ibot(True),
+        _patch_example, {"teacher_temp": (0.04, 0.07), "visible_loss_weight": (1.0, 0.3)},
+        grad_argnums=(1,),
     ),
 )
 

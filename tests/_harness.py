@@ -149,8 +149,8 @@ def distributed_inputs(spec: LossSpec, *, global_batch=16, d_in=6, d_out=5, seed
     w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
     if ex.state is not None:  # rebuild state / replicated inputs for the output dimension
         ex = spec.example(np.random.default_rng(seed), global_batch, d_out)
-        ex = type(ex)(tuple(rng.standard_normal((global_batch, d_in)).astype(np.float32)
-                            for _ in ex.batch), ex.state)
+        ex = type(ex)(tuple(rng.standard_normal((*x.shape[:-1], d_in)).astype(np.float32)
+                            for x in ex.batch), ex.state)
     return w, tuple(jnp.asarray(x) for x in ex.batch), ex.state
 
 

@@ -128,3 +128,47 @@ def test_koleo_lightly_value_and_batch_of_one_error():
     np.testing.assert_allclose(S.koleo_loss(_r(0, (6, 8))), 0.016602, rtol=1e-4)
     with pytest.raises(ValueError, match="at least 2 samples"):
         S.koleo_loss(np.ones((1, 3), np.float32))
+
+
+T3, S3 = _r(7, (2, 5, 8)), _r(8, (2, 5, 8))
+M2 = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], bool)
+
+
+def test_ibot_plus_plus_lightly_values_and_center_from_all_tokens():
+    state = S.init_ibot_state(8)
+    got = [S.ibot_plus_plus_patch_loss(T3, S3, state)[0],
+           S.ibot_plus_plus_patch_loss(T3, S3, state, M2)[0],
+           S.ibot_plus_plus_patch_loss(T3, S3, state, M2, visible_loss_weight=0.0)[0]]
+    np.testing.assert_allclose(got, [15.578634, 31.582901, 16.855534], rtol=1e-6)
+    _, new = S.ibot_plus_plus_patch_loss(T3, S3, state, M2)
+    np.testing.assert_allclose(new.center, 0.1 * T3.reshape(-1, 8).mean(0), rtol=1e-5)
+    hw = S.ibot_plus_plus_patch_loss(T3[:, :4], S3[:, :4], state, M2[:, :4].reshape(2, 2, 2))
+    flat = S.ibot_plus_plus_patch_loss(T3[:, :4], S3[:, :4], state, M2[:, :4])
+    np.testing.assert_allclose(hw[0], flat[0], rtol=1e-6)
+
+
+def test_ibot_masked_tokens_only_with_per_image_normalization():
+    state = S.init_ibot_state(8)
+    loss, new = S.ibot_patch_loss(T3, S3, M2, state)
+    np.testing.assert_allclose(loss, 16.855534, rtol=1e-6)  # = iBOT++ with w_vis = 0
+    np.testing.assert_allclose(new.center, 0.1 * T3[M2].mean(0), rtol=1e-5)
+    no_mask_image = M2.copy()
+    no_mask_image[1] = False  # an image with no masked token still counts in B
+    loss2, _ = S.ibot_patch_loss(T3, S3, no_mask_image, state)
+    t = jax.nn.softmax(T3[0][M2[0]] / 0.04, axis=-1)
+    s = jax.nn.log_softmax(S3[0][M2[0]] / 0.1, axis=-1)
+    np.testing.assert_allclose(loss2, -np.sum(t * s) / 2 / 2, rtol=1e-5)
+    none_masked, kept = S.ibot_patch_loss(T3, S3, np.zeros_like(M2), state)
+    assert float(none_masked) == 0.0 and np.all(kept.center == state.center)
+    g = jax.grad(lambda s: S.ibot_patch_loss(T3, s, M2, state)[0])(S3)
+    assert np.all(np.asarray(g)[~M2] == 0)  # visible tokens get no gradient
+
+
+def test_ibot_errors():
+    state = S.init_ibot_state(8)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        S.ibot_patch_loss(T3, S3, M2[:, :3], state)
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        S.ibot_patch_loss(T3, S3, M2.astype(np.int32), state)
+    with pytest.raises(ValueError, match=r"state.center must have shape \(8,\)"):
+        S.ibot_patch_loss(T3, S3, M2, S.init_ibot_state(4))

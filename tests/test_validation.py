@@ -1,6 +1,8 @@
 """Bad input is rejected at trace time with a ValueError/TypeError that names the
 argument and what it got: never a silent NaN, a broadcast or an XLA error."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ def test_integer_inputs(spec):
 def test_wrong_rank(spec):
     batch, state = _batch(spec)
     batch = [x[:, 0] for x in batch]
-    with pytest.raises(ValueError, match=r"rank.*\(6,\)"):
+    with pytest.raises(ValueError, match=r"rank.*" + re.escape(str(batch[0].shape))):
         _apply_jit(spec, batch, state)
 
 
@@ -42,8 +44,10 @@ def test_wrong_rank(spec):
     np.random.default_rng(0), 2, 2).batch) > 1])
 def test_mismatched_shapes(spec):
     batch, state = _batch(spec)
-    batch[-1] = jnp.concatenate([batch[-1], batch[-1][:, :1]], axis=1)
-    with pytest.raises(ValueError, match=r"\(6, 4\).*\(6, 5\)"):
+    good = batch[-1].shape
+    batch[-1] = jnp.concatenate([batch[-1], batch[-1][..., :1]], axis=-1)
+    with pytest.raises(ValueError, match=re.escape(str(good)) + ".*"
+                       + re.escape(str(batch[-1].shape))):
         _apply_jit(spec, batch, state)
 
 
@@ -51,7 +55,7 @@ def test_mismatched_shapes(spec):
 def test_empty_batch(spec):
     batch, state = _batch(spec)
     batch = [x[:0] for x in batch]
-    with pytest.raises(ValueError, match=r"empty.*\(0, 4\)"):
+    with pytest.raises(ValueError, match=r"empty.*" + re.escape(str(batch[0].shape))):
         _apply_jit(spec, batch, state)
 
 
