@@ -292,7 +292,7 @@ def ibot_patch_loss(
     count = stats[-1]
     mean = stats[:-1] / jnp.maximum(count, 1.0)
     m_ = jnp.asarray(center_momentum)
-    updated = (m_ * center + (1 - m_) * mean).astype(center.dtype)
+    updated = (m_ * center + (1 - m_) * mean.astype(center.dtype)).astype(center.dtype)
     return loss, IBOTState(jnp.where(count > 0, updated, center))
 
 
