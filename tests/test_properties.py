@@ -108,34 +108,35 @@ DEGENERATE = {
 
 # float16 cannot hold the true gradients of extreme inputs (1/‖x‖ ≈ 1e6 for 1e-6 inputs,
 # torch's 1/eps at an exact zero, the 1e8-scale covariance of 1e4 inputs): it is checked
-# on the degenerate cases whose gradients it can represent.
-DTYPE_KINDS = [(dt, k) for dt in (jnp.float32, jnp.bfloat16) for k in DEGENERATE] + [
-    (jnp.float16, k) for k in ("identical_rows", "identical_views")]
-
-
-# KoLeo's distance to a duplicate is eps (1e-8): its gradient is ~1/eps by definition.
+# on the degenerate cases whose gradients it can represent. KoLeo's distance to a duplicate
+# is eps (1e-8), so its gradient there is ~1/eps by definition.
+KINDS = {jnp.float32: tuple(DEGENERATE), jnp.bfloat16: tuple(DEGENERATE),
+         jnp.float16: ("identical_rows", "identical_views")}
 F16_OUT_OF_RANGE = {("koleo_loss", "identical_rows")}
-DEGENERATE_CASES = [
-    pytest.param(s.values[0], dt, k, id=f"{s.values[0].name}-{jnp.dtype(dt).name}-{k}")
-    for s in SPECS for dt, k in DTYPE_KINDS
-    if not (dt == jnp.float16 and (s.values[0].name, k) in F16_OUT_OF_RANGE)
-]
 
 
-@pytest.mark.parametrize("spec,dtype,kind", DEGENERATE_CASES)
-def test_degenerate_inputs_are_finite(spec, dtype, kind):
+@pytest.mark.parametrize("dtype", list(KINDS), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("spec", SPECS)
+def test_degenerate_inputs_are_finite(spec, dtype):
+    """Every degenerate kind at once (vmapped over a kinds axis: one compilation)."""
+    kinds = [k for k in KINDS[dtype]
+             if not (dtype == jnp.float16 and (spec.name, k) in F16_OUT_OF_RANGE)]
     raw, state = _example(spec, dtype=np.float32)
     first = np.asarray(raw[0])
-    batch = []
+    stacked = []
     for i, x in enumerate(raw):
-        y = DEGENERATE[kind](np.asarray(x), i)
-        batch.append(jnp.asarray(first if y is None else y, dtype))
+        per_kind = []
+        for kind in kinds:
+            y = DEGENERATE[kind](np.asarray(x), i)
+            per_kind.append(first if y is None else y)
+        stacked.append(jnp.asarray(np.stack(per_kind), dtype))
     f = _loss_fn(spec, state)
-    argnums = _argnums(spec, len(batch))
-    loss, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(*batch)
-    assert np.isfinite(loss), (spec.name, kind, loss)
-    for g in grads:
-        assert np.all(np.isfinite(np.asarray(g, np.float32))), (spec.name, kind)
+    argnums = _argnums(spec, len(stacked))
+    loss, grads = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=argnums)))(*stacked)
+    for j, kind in enumerate(kinds):
+        assert np.isfinite(loss[j]), (spec.name, kind, loss[j])
+        for g in grads:
+            assert np.all(np.isfinite(np.asarray(g[j], np.float32))), (spec.name, kind)
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.values[0].symmetric])
