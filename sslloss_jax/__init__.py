@@ -7,6 +7,7 @@ a sharded batch with the value and gradients of the global batch. See the README
 """
 
 from sslloss_jax._clustering import SwaVQueueState as SwaVQueueState
+from sslloss_jax._clustering import capi_loss as capi_loss
 from sslloss_jax._clustering import init_swav_queue as init_swav_queue
 from sslloss_jax._clustering import msn_loss as msn_loss
 from sslloss_jax._clustering import pmsn_custom_loss as pmsn_custom_loss
@@ -64,6 +65,7 @@ __all__ = [
     "alignment_loss",
     "barlow_twins_loss",
     "barlow_twins_terms",
+    "capi_loss",
     "co2_memory_bank_regularizer",
     "co2_regularizer",
     "dcl_loss",

@@ -1,4 +1,4 @@
-"""Clustering losses built on one Sinkhorn-Knopp primitive: SwaV (with an explicit queue)."""
+"""Clustering losses built on Sinkhorn-Knopp: SwaV (with an explicit queue), MSN/PMSN, CAPI."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
+    "capi_loss",
     "msn_loss",
     "pmsn_loss",
     "pmsn_custom_loss",
@@ -446,3 +447,81 @@ def pmsn_loss(
         target_sharpen_temperature=target_sharpen_temperature, temperature=temperature,
         sinkhorn_iterations=sinkhorn_iterations, regularization_weight=regularization_weight,
         entropy_weight=entropy_weight, axis_name=axis_name)
+
+
+def _positional_sinkhorn(logits: jax.Array, iterations: int, axis_name: AxisName,
+                         eps: float = 1e-8) -> jax.Array:
+    """CAPI's Sinkhorn-Knopp (lightly's ``sinkhorn_knopp``): one problem per token position.
+
+    ``logits`` is ``[B, S, K]``; shifted by its max over the global batch per (position,
+    cluster) (``pmax``, so ``exp`` cannot overflow), then alternately normalized over the
+    global batch and over clusters, with lightly's ``+1e-8`` in the denominators.
+    """
+    shift = coll.pmax(jnp.max(logits, axis=0, keepdims=True), axis_name)
+    q = jnp.exp(logits - shift)
+
+    def one_round(_, q):
+        q = q / (coll.psum(jnp.sum(q, axis=0, keepdims=True), axis_name) + eps)
+        return q / (jnp.sum(q, axis=2, keepdims=True) + eps)
+
+    return lax.fori_loop(0, iterations, one_round, q)
+
+
+def capi_loss(
+    teacher_logits: ArrayLike,
+    student_logits: ArrayLike,
+    teacher_index: ArrayLike | None = None,
+    *,
+    teacher_temperature: ArrayLike = 0.06,
+    student_temperature: ArrayLike = 0.12,
+    sinkhorn_iterations: int = 3,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""CAPI clustering loss: student tokens predict Sinkhorn assignments of teacher tokens.
+
+    Teacher logits (stop-gradient, divided by τ_t) are balanced per token position by
+    :func:`_positional_sinkhorn`; ``teacher_index`` picks, for each student token, the
+    teacher position it predicts. The loss is the mean cross entropy over all
+    ``[B, N_s]`` student tokens of the global batch.
+
+    Args:
+      teacher_logits: ``[B, N_t, K]``.
+      student_logits: ``[B, N_s, K]`` (``N_s = N_t`` when ``teacher_index`` is None).
+      teacher_index: optional ``[B, N_s]`` integer positions into ``N_t``.
+      teacher_temperature, student_temperature: τ_t, τ_s (may be traced).
+      sinkhorn_iterations: static, >= 0.
+      axis_name: optional axis: the Sinkhorn shift (``pmax``) and batch sums (``psum``)
+        and the mean are global.
+
+    References:
+      Darcet et al., `Cluster and Predict Latent Patches for Improved Masked Image
+      Modeling <https://arxiv.org/abs/2502.08769>`_, 2025.
+    """
+    val.check_axis_name(axis_name)
+    val.check_temperature(teacher_temperature, "teacher_temperature")
+    val.check_temperature(student_temperature, "student_temperature")
+    if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 0:
+        raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations!r}")
+    t = val.as_float_array(teacher_logits, "teacher_logits", ndim=3)
+    s = val.as_float_array(student_logits, "student_logits", ndim=3)
+    if t.shape[0] != s.shape[0] or t.shape[2] != s.shape[2]:
+        raise ValueError(
+            "teacher_logits and student_logits must share batch and cluster axes, got "
+            f"{t.shape} and {s.shape}")
+    t32, s32 = upcast(t, s)
+    assignments = _positional_sinkhorn(lax.stop_gradient(t32) / teacher_temperature,
+                                       sinkhorn_iterations, axis_name)
+    if teacher_index is None:
+        if t.shape[1] != s.shape[1]:
+            raise ValueError(
+                "without teacher_index the teacher and student token counts must match, "
+                f"got {t.shape} and {s.shape}")
+    else:
+        idx = jnp.asarray(teacher_index)
+        if not jnp.issubdtype(idx.dtype, jnp.integer):
+            raise TypeError(f"teacher_index must be integer, got {idx.dtype}")
+        if idx.shape != s.shape[:2]:
+            raise ValueError(f"teacher_index must have shape {s.shape[:2]}, got {idx.shape}")
+        assignments = jnp.take_along_axis(assignments, idx[..., None].astype(jnp.int32), axis=1)
+    ce = -jnp.sum(assignments * jax.nn.log_softmax(s32 / student_temperature, axis=-1), axis=-1)
+    return coll.global_mean(jnp.sum(ce), ce.size, axis_name)

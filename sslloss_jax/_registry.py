@@ -172,7 +172,7 @@ def _apply_ibot(plus_plus: bool):
         if plus_plus:
             return S.ibot_plus_plus_patch_loss(teacher, student, state, mask,
                                                axis_name=axis_name, **hyper)
-        return S.ibot_patch_loss(teacher, student, mask, state, axis_name=axis_name, **hyper)
+        return S.ibot_patch_loss(teacher, student, mask, state, axis_name=axis_name, **hyper)  # type: ignore[arg-type]
 
     return apply
 
@@ -346,6 +346,16 @@ LOSSES += (
         "ibot_plus_plus_patch_loss", "distillation", {"lightly": "IBOTPlusPlusPatchLoss"},
         True, "global mean over images; center from all global tokens", _apply_ibot(True),
         _patch_example, {"teacher_temp": (0.04, 0.07), "visible_loss_weight": (1.0, 0.3)},
+        grad_argnums=(1,),
+    ),
+)
+
+LOSSES += (
+    LossSpec(
+        "capi_loss", "clustering", {"lightly": "CAPILoss"},
+        False, "Sinkhorn shift (pmax) and batch sums (psum) over the global batch; global mean",
+        _stateless(S.capi_loss), lambda rng, b, d: Example(_patch_example(rng, b, d).batch),
+        {"teacher_temperature": (0.06, 0.1), "student_temperature": (0.12, 0.2)},
         grad_argnums=(1,),
     ),
 )

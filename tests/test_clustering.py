@@ -184,3 +184,16 @@ def test_msn_errors():
         S.msn_loss(a, t, p, sinkhorn_iterations=-1)
     with pytest.raises(TypeError, match="target_distribution must be callable"):
         S.pmsn_custom_loss(a, t, p, target_distribution=None)
+
+
+def test_capi_lightly_values_teacher_detached_and_errors():
+    t, s = _r(7, (2, 5, 8), np.float32), _r(8, (2, 5, 8), np.float32)
+    idx = np.array([[0, 2, 4], [1, 3, 4]])
+    np.testing.assert_allclose([S.capi_loss(t, s), S.capi_loss(t, s[:, :3], idx)],
+                               [14.744049, 15.367993], rtol=1e-6)
+    g_t, g_s = jax.grad(S.capi_loss, argnums=(0, 1))(t, s)
+    assert np.all(g_t == 0) and np.any(g_s != 0)
+    with pytest.raises(ValueError, match="token counts must match"):
+        S.capi_loss(t, s[:, :3])
+    with pytest.raises(TypeError, match="teacher_index must be integer"):
+        S.capi_loss(t, s[:, :3], idx.astype(np.float32))
