@@ -412,10 +412,12 @@ def pmsn_custom_loss(
     return _msn_total(ce, logp, reg, regularization_weight, entropy_weight, axis_name)
 
 
-def power_law_distribution(size: int, exponent: ArrayLike = 0.25) -> jax.Array:
+def power_law_distribution(
+    size: int, exponent: ArrayLike = 0.25, dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
     """``π_k ∝ k^(−exponent)`` for ``k = 1..size`` in prototype order (PMSN's prior)."""
-    k = jnp.arange(1, size + 1, dtype=jnp.float32)
-    p = k ** (-jnp.asarray(exponent, jnp.float32))
+    k = jnp.arange(1, size + 1, dtype=dtype)
+    p = k ** (-jnp.asarray(exponent, dtype))
     return p / jnp.sum(p)
 
 
@@ -443,7 +445,8 @@ def pmsn_loss(
     """
     return pmsn_custom_loss(
         anchors, targets, prototypes,
-        target_distribution=lambda p: power_law_distribution(p.shape[0], power_law_exponent),
+        target_distribution=lambda p: power_law_distribution(p.shape[0], power_law_exponent,
+                                                             p.dtype),
         target_sharpen_temperature=target_sharpen_temperature, temperature=temperature,
         sinkhorn_iterations=sinkhorn_iterations, regularization_weight=regularization_weight,
         entropy_weight=entropy_weight, axis_name=axis_name)

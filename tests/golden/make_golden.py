@@ -7,8 +7,9 @@ Run from the repository root with the oracle venv (see ../shared/oracle/README.m
 
 Writes ``golden.npz`` (keys ``"<case>/<name>"``) and ``cases.json`` (a list of case
 records) next to this file. Deterministic: every input array comes from its own
-seeded ``np.random.RandomState``; the only torch draw (the initial memory bank) is
-preceded by ``torch.manual_seed``. The test suite reads only the two output files.
+seeded ``np.random.RandomState``; the torch draws (initial memory banks, WMSE's
+``torch.randperm``) are preceded by ``torch.manual_seed``. Multi-step records list their
+per-step array names in ``step_keys`` and the others in ``static_keys``. The test suite reads only the two output files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -646,6 +648,859 @@ def gen_fovi_simclr() -> None:
         )
 
 
+# --------------------------------------------------------------------------- 13+. Stateful / clustering families
+#
+# Multi-step cases store every array as "<case>/step{k}_<name>" (k = 1..steps) plus step-independent arrays
+# ("<case>/<name>", e.g. the initial state). The record lists the per-step names in "step_keys" and the
+# step-independent ones in "static_keys"; verify() checks both.
+
+
+@contextmanager
+def default_dtype(dt: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def add_steps_case(
+    case: str,
+    loss: str,
+    source: str,
+    torch_call: str,
+    kwargs: dict,
+    data: dict[str, np.ndarray],
+    steps: int,
+    step_keys: Sequence[str],
+    static_keys: Sequence[str],
+    notes: str,
+    **extra,
+) -> None:
+    need = [f"step{k}_{n}" for k in range(1, steps + 1) for n in step_keys] + list(static_keys)
+    missing = [n for n in need if n not in data]
+    assert not missing, (case, missing)
+    unlisted = sorted(set(data) - set(need))
+    assert not unlisted, (case, unlisted)
+    if not all_finite(data):
+        bad = [k for k, v in data.items() if not np.all(np.isfinite(v))]
+        msg = f"{case}: torch produced non-finite values in {bad}; left out"
+        SKIPPED.append(msg)
+        print("SKIP  " + msg)
+        return
+    for key, v in data.items():
+        a = np.asarray(v)
+        if np.issubdtype(a.dtype, np.floating):
+            a = a.astype(np.float64)
+        ARRAYS[f"{case}/{key}"] = a
+    rec = {
+        "case": case,
+        "loss": loss,
+        "source": source,
+        "torch_call": torch_call,
+        "kwargs": kwargs,
+        "inputs": [],
+        "grads": [],
+        "outputs": [],
+        "steps": steps,
+        "step_keys": list(step_keys),
+        "static_keys": list(static_keys),
+        "notes": notes,
+    }
+    rec.update(extra)
+    CASES.append(rec)
+    print(f"ok    {case:58s} losses=" + ",".join(f"{float(data[f'step{k}_loss']):.8g}" for k in range(1, steps + 1)))
+
+
+def np_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def close(a, b, rtol: float = 1e-12, atol: float = 1e-13) -> bool:
+    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol, atol=atol))
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- 13. DINO
+
+
+def dino_reference(T: np.ndarray, S: np.ndarray, c: np.ndarray, tt: float, ts: float) -> float:
+    """T (Vt,B,K), S (Vs,B,K), c (K,): lightly's formula in numpy (used only as an assertion)."""
+    p = np_softmax((T - c) / tt)
+    q = np_log_softmax(S / ts)
+    terms = -np.einsum("tbd,sbd->ts", p, q)
+    np.fill_diagonal(terms, 0.0)
+    n_terms = terms.size - min(terms.shape)
+    return float(terms.sum() / (n_terms * T.shape[1]))
+
+
+def gen_dino() -> None:
+    sched = {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 3}
+    epochs = [0, 1, 2, 5]
+    configs = [((2, 3, 4, 8), 0.1, 0.9), ((2, 6, 3, 16), 0.1, 0.9), ((1, 2, 5, 6), 0.2, 0.8)]
+    for ci, ((Vt, Vs, B, K), st, cm) in enumerate(configs):
+        case = f"dino/lightly/vt{Vt}_vs{Vs}_b{B}_k{K}"
+        # Built and called with torch's DEFAULT dtype float32 (what every lightly user has): the schedule is a
+        # float32 linspace and torch.tensor(teacher_temp) is float32; inputs/center are float64.
+        with default_dtype(torch.float32):
+            mod = L.DINOLoss(output_dim=K, student_temp=st, center_momentum=cm, **sched)
+        mod = mod.to(F64)
+        assert mod.center.dtype == F64 and mod.teacher_temp_schedule.dtype == torch.float32
+        data: dict[str, np.ndarray] = {
+            "center0": to_np(mod.center.reshape(K)),
+            "teacher_temp_schedule": to_np(mod.teacher_temp_schedule),
+        }
+        seed = 10000 + 100 * ci
+        for k, e in enumerate(epochs, 1):
+            T = [0.5 * randn(seed + v, (B, K)) for v in range(Vt)]
+            S = [randn(seed + Vt + u, (B, K)) for u in range(Vs)]
+            seed += Vt + Vs
+            tt, ss = [leaf(t) for t in T], [leaf(s) for s in S]
+            if e < mod.warmup_teacher_temp_epochs:
+                used = float(mod.teacher_temp_schedule[e])
+            else:
+                used = float(np.float32(mod.teacher_temp))  # torch.tensor(0.07) under a float32 default
+            c_before = to_np(mod.center.reshape(K)).copy()
+            with default_dtype(torch.float32):
+                loss = mod(tt, ss, epoch=e)
+            gs = torch.autograd.grad(loss, ss)
+            ref = dino_reference(np.stack(T), np.stack(S), c_before, used, st)
+            assert abs(ref - float(loss.detach())) <= 1e-13 * abs(ref), (case, k, ref, float(loss.detach()))
+            nominal = dino_reference(np.stack(T), np.stack(S), c_before, sched["teacher_temp"] if e >= 3 else
+                                     float(np.linspace(0.04, 0.07, 3)[e]), st)
+            c_ref = cm * c_before + (1 - cm) * np.stack(T).mean(axis=(0, 1))
+            assert close(c_ref, to_np(mod.center.reshape(K)), 1e-14, 1e-15), case
+            for v in range(Vt):
+                data[f"step{k}_teacher{v}"] = T[v]
+            for u in range(Vs):
+                data[f"step{k}_student{u}"] = S[u]
+                data[f"step{k}_grad_student{u}"] = to_np(gs[u])
+            data[f"step{k}_loss"] = to_np(loss)
+            data[f"step{k}_center"] = to_np(mod.center.reshape(K))
+            data[f"step{k}_teacher_temp"] = np.asarray(used, dtype=np.float64)
+            print(f"      step{k} epoch={e} teacher_temp={used!r} |loss(float32 temp) - loss(float64 temp)|="
+                  f"{abs(nominal - float(loss.detach())):.2e}")
+        step_keys = ([f"teacher{v}" for v in range(Vt)] + [f"student{u}" for u in range(Vs)] + ["loss"]
+                     + [f"grad_student{u}" for u in range(Vs)] + ["center", "teacher_temp"])
+        add_steps_case(
+            case, "dino", "lightly",
+            f"DINOLoss(output_dim={K}, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, "
+            f"student_temp={st}, center_momentum={cm}) built under torch default dtype float32, .to(float64); "
+            f"4 calls mod([teacher0..], [student0..], epoch=e) for e in {epochs}",
+            {"teacher_temp": 0.07, "student_temp": st, "center_momentum": cm, "output_dim": K, **sched},
+            data, 4, step_keys, ["center0", "teacher_temp_schedule"],
+            notes=(
+                "Fresh inputs every step, center carried over. step{k}_teacher_temp is the EXACT temperature lightly "
+                "used: epoch < warmup_teacher_temp_epochs -> teacher_temp_schedule[epoch] (a float32 "
+                "torch.linspace(0.04, 0.07, 3) = [0.04, 0.055, 0.07] rounded to float32), else "
+                "torch.tensor(0.07) (float32 under the default dtype). Loss = sum_{v!=u} -<softmax((T_v - c)/tt), "
+                "log_softmax(S_u/ts)> / (n_terms*B), n_terms = Vt*Vs - min(Vt,Vs), c = center BEFORE the step "
+                "(center0 / step{k-1}_center). After the loss: c <- m*c + (1-m)*mean_{views,batch}(raw teacher) "
+                "(stored (K,), lightly shape (1,1,K)). lightly does NOT detach the teacher; only student grads "
+                "are stored (the JAX loss stop-gradients the teacher)."
+            ),
+            epochs=epochs, n_teacher_views=Vt, n_student_views=Vs, batch_size=B,
+        )
+    # nidl: stacked (V, B, K) tensors; forward(teacher_out, student_out, epoch=None) -> uses self.teacher_temp
+    Vt, Vs, B, K = 2, 4, 3, 8
+    case = f"dino/nidl/vt{Vt}_vs{Vs}_b{B}_k{K}"
+    with default_dtype(torch.float32):
+        mod = nidl_losses.DINOLoss(output_dim=K, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                                   warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9)
+    mod = mod.to(F64)
+    data = {"center0": to_np(mod.center.reshape(K))}
+    seed = 10500
+    for k in range(1, 3):
+        T = 0.5 * randn(seed, (Vt, B, K))
+        S = randn(seed + 1, (Vs, B, K))
+        seed += 2
+        tt, ss = leaf(T), leaf(S)
+        c_before = to_np(mod.center.reshape(K)).copy()
+        used = float(np.float32(0.07))
+        with default_dtype(torch.float32):
+            loss = mod(tt, ss)  # epoch=None
+        (g,) = torch.autograd.grad(loss, [ss])
+        ref = dino_reference(T, S, c_before, used, 0.1)
+        assert abs(ref - float(loss.detach())) <= 1e-13 * abs(ref), (case, ref, float(loss.detach()))
+        for v in range(Vt):
+            data[f"step{k}_teacher{v}"] = T[v]
+        for u in range(Vs):
+            data[f"step{k}_student{u}"] = S[u]
+            data[f"step{k}_grad_student{u}"] = to_np(g[u])
+        data[f"step{k}_loss"] = to_np(loss)
+        data[f"step{k}_center"] = to_np(mod.center.reshape(K))
+        data[f"step{k}_teacher_temp"] = np.asarray(used, dtype=np.float64)
+    step_keys = ([f"teacher{v}" for v in range(Vt)] + [f"student{u}" for u in range(Vs)] + ["loss"]
+                 + [f"grad_student{u}" for u in range(Vs)] + ["center", "teacher_temp"])
+    add_steps_case(
+        case, "dino", "nidl",
+        f"nidl.losses.DINOLoss(output_dim={K}, warmup_teacher_temp=0.04, teacher_temp=0.07, "
+        "warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9) built under default float32, "
+        ".to(float64); 2 calls mod(stack(teacher) (Vt,B,K), stack(student) (Vs,B,K)) with epoch=None",
+        {"teacher_temp": 0.07, "student_temp": 0.1, "center_momentum": 0.9, "output_dim": K,
+         "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 30},
+        data, 2, step_keys, ["center0"],
+        notes=(
+            "nidl takes STACKED (V,B,K) tensors (stored per view with the same key names as dino/lightly: "
+            "step{k}_teacher{v} = teacher[v]). With epoch=None nidl uses the FINAL teacher_temp (torch.tensor(0.07), "
+            "float32 -> 0.07000000029802322), not the warm-up value. Same formula and center update as lightly "
+            "(dist all_reduce/world_size of the batch center, world 1 here). Teacher not detached; student grads only."
+        ),
+        epochs=[None, None], n_teacher_views=Vt, n_student_views=Vs, batch_size=B, input_layout="stacked",
+    )
+
+
+# --------------------------------------------------------------------------- 14. iBOT / iBOT++
+
+
+def ibot_reference(Td, Sd, maskf, c, tt, ts) -> float:
+    ce = -(np_softmax((Td - c) / tt) * np_log_softmax(Sd / ts)).sum(-1)  # (B,N)
+    n = np.maximum(maskf.sum(1), 1.0)
+    return float(((ce * maskf).sum(1) / n).sum() / Td.shape[0])
+
+
+def gen_ibot() -> None:
+    # (B, H, W, K, teacher_temp, student_temp, center_momentum, mask rows (B, H*W) as 0/1 strings)
+    configs = [
+        (3, 2, 3, 8, 0.04, 0.1, 0.9, ["101001", "000000", "111011"]),
+        (2, 4, 4, 16, 0.07, 0.2, 0.8, ["0110100110010110", "1111111111111111"]),
+    ]
+    for ci, (B, H, W, K, tt_, ts, cm, rows) in enumerate(configs):
+        N = H * W
+        case = f"ibot_patch/lightly/b{B}_h{H}_w{W}_k{K}"
+        maskf = np.array([[float(ch) for ch in r] for r in rows], dtype=np.float64)
+        mask_t = torch.tensor(maskf.reshape(B, H, W) > 0.5)
+        M = int(maskf.sum())
+        mod = L.IBOTPatchLoss(output_dim=K, teacher_temp=tt_, student_temp=ts, center_momentum=cm).to(F64)
+        assert mod.center.value.dtype == F64
+        used = tt_  # torch.tensor(tt_) under the script's float64 default: exact
+        data: dict[str, np.ndarray] = {"center0": to_np(mod.center.value.reshape(K)), "mask": maskf}
+        seed = 11000 + 100 * ci
+        sel = maskf.reshape(-1) > 0.5
+        for k in range(1, 3):
+            Td = 0.5 * randn(seed, (B, N, K))
+            Sd = randn(seed + 1, (B, N, K))
+            seed += 2
+            Tm, Sm = Td.reshape(B * N, K)[sel], Sd.reshape(B * N, K)[sel]
+            assert Tm.shape == (M, K)
+            tt, ss = leaf(Tm), leaf(Sm)
+            c_before = to_np(mod.center.value.reshape(K)).copy()
+            loss = mod(tt, ss, mask_t)
+            (g,) = torch.autograd.grad(loss, [ss])
+            ref = ibot_reference(Td, Sd, maskf, c_before, used, ts)
+            assert abs(ref - float(loss.detach())) <= 1e-13 * abs(ref), (case, ref, float(loss.detach()))
+            # what a float32-default user gets on the same float64 tensors (float32 temperature and 1/n_b weights)
+            with default_dtype(torch.float32):
+                m32 = L.IBOTPatchLoss(output_dim=K, teacher_temp=tt_, student_temp=ts, center_momentum=cm).to(F64)
+                m32.center.center = torch.tensor(c_before, dtype=F64).reshape(1, K)
+                l32 = float(m32(leaf(Tm, False), leaf(Sm, False), mask_t))
+            print(f"      step{k}: a float32-default lightly gives a value {abs(l32 - ref) / abs(ref):.1e} rel. off")
+            c_ref = cm * c_before + (1 - cm) * Tm.mean(0)
+            assert close(c_ref, to_np(mod.center.value.reshape(K)), 1e-14, 1e-15), case
+            gd = np.zeros((B * N, K))
+            gd[sel] = to_np(g)
+            data.update({
+                f"step{k}_teacher_dense": Td, f"step{k}_student_dense": Sd,
+                f"step{k}_teacher": Tm, f"step{k}_student": Sm,
+                f"step{k}_loss": to_np(loss), f"step{k}_grad_student_dense": gd.reshape(B, N, K),
+                f"step{k}_center": to_np(mod.center.value.reshape(K)),
+                f"step{k}_teacher_temp": np.asarray(used, dtype=np.float64),
+            })
+        add_steps_case(
+            case, "ibot_patch", "lightly",
+            f"IBOTPatchLoss(output_dim={K}, teacher_temp={tt_}, student_temp={ts}, center_momentum={cm})"
+            ".to(float64); 2 calls mod(teacher (M,K), student (M,K), mask (B,H,W) bool), torch default dtype float64",
+            {"teacher_temp": tt_, "student_temp": ts, "center_momentum": cm, "output_dim": K},
+            data, 2,
+            ["teacher_dense", "student_dense", "teacher", "student", "loss", "grad_student_dense", "center",
+             "teacher_temp"],
+            ["center0", "mask"],
+            notes=(
+                "Dense form for JAX: step{k}_teacher_dense/student_dense (B, N=H*W, K) and mask (B,N) 0/1 "
+                "(row-major over (H,W)); torch got only the masked rows, step{k}_teacher/student (M,K) = "
+                "dense.reshape(B*N,K)[mask.reshape(-1)==1]. Unmasked dense rows are random filler that must not "
+                "matter (also not for the center). Loss = sum_b [sum_{masked i in b} ce_bi / max(n_b,1)] / B with B "
+                "counting images with 0 masked tokens; ce = -softmax((t-c)/tt).log_softmax(s/ts). Center (stored "
+                "(K,), lightly Center shape (1,K)) updated AFTER the loss with the mean over the M masked teacher "
+                "rows: c <- m*c + (1-m)*mean. grad_student_dense is zero at unmasked rows. Teacher not detached in "
+                "lightly. DTYPE QUIRK: lightly builds torch.tensor(teacher_temp) AND the weights "
+                "1.0/mask.sum().clamp(min=1.0) (an int64 tensor, so the reciprocal is in torch's DEFAULT dtype) in the "
+                "default dtype. These fixtures run with default float64, so both are exact (step{k}_teacher_temp == "
+                "teacher_temp); a float32-default user gets float32 temperature and float32 1/n_b (value ~1e-8 rel. off)."
+            ),
+            batch_size=B, height=H, width=W, num_masked=M,
+        )
+
+    # iBOT++: (B,N,K) inputs, mask (B,N) or None
+    B, N, K, tt_, ts, cm = 3, 6, 8, 0.04, 0.1, 0.9
+    maskf = np.array([[1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=np.float64)
+    for w_vis, has_mask in [(1.0, False), (1.0, True), (0.0, True), (0.5, True)]:
+        case = f"ibot_plus_plus_patch/lightly/b{B}_n{N}_k{K}_" + (f"mask_wvis{w_vis:g}" if has_mask else "nomask")
+        mod = L.IBOTPlusPlusPatchLoss(output_dim=K, teacher_temp=tt_, student_temp=ts, center_momentum=cm).to(F64)
+        used = tt_
+        data = {"center0": to_np(mod.center.value.reshape(K))}
+        if has_mask:
+            data["mask"] = maskf
+        seed = 11500  # same inputs for every variant
+        for k in range(1, 3):
+            Td = 0.5 * randn(seed, (B, N, K))
+            Sd = randn(seed + 1, (B, N, K))
+            seed += 2
+            tt, ss = leaf(Td), leaf(Sd)
+            c_before = to_np(mod.center.value.reshape(K)).copy()
+            if has_mask:
+                loss = mod(tt, ss, torch.tensor(maskf > 0.5), visible_loss_weight=w_vis)
+            else:
+                loss = mod(tt, ss)
+            (g,) = torch.autograd.grad(loss, [ss])
+            ce = -(np_softmax((Td - c_before) / used) * np_log_softmax(Sd / ts)).sum(-1)
+            if has_mask:
+                nm = np.maximum(maskf.sum(1), 1.0)
+                nv = np.maximum((1 - maskf).sum(1), 1.0)
+                ref = float(((ce * maskf).sum(1) / nm + w_vis * (ce * (1 - maskf)).sum(1) / nv).mean())
+            else:
+                ref = float(ce.mean())
+            assert abs(ref - float(loss.detach())) <= 1e-13 * abs(ref), (case, ref, float(loss.detach()))
+            c_ref = cm * c_before + (1 - cm) * Td.reshape(-1, K).mean(0)
+            assert close(c_ref, to_np(mod.center.value.reshape(K)), 1e-14, 1e-15), case
+            data.update({
+                f"step{k}_teacher": Td, f"step{k}_student": Sd, f"step{k}_loss": to_np(loss),
+                f"step{k}_grad_student": to_np(g), f"step{k}_center": to_np(mod.center.value.reshape(K)),
+                f"step{k}_teacher_temp": np.asarray(used, dtype=np.float64),
+            })
+        add_steps_case(
+            case, "ibot_plus_plus_patch", "lightly",
+            f"IBOTPlusPlusPatchLoss(output_dim={K}, teacher_temp={tt_}, student_temp={ts}, center_momentum={cm}) "
+            ".to(float64); 2 calls (torch default dtype float64) mod(teacher (B,N,K), student (B,N,K), "
+            + (f"mask (B,N) bool, visible_loss_weight={w_vis:g})" if has_mask else "mask=None)"),
+            {"teacher_temp": tt_, "student_temp": ts, "center_momentum": cm, "output_dim": K,
+             "visible_loss_weight": w_vis},
+            data, 2, ["teacher", "student", "loss", "grad_student", "center", "teacher_temp"],
+            ["center0"] + (["mask"] if has_mask else []),
+            notes=(
+                ("mask=None: loss = mean of ce over all B*N tokens (visible_loss_weight unused). " if not has_mask else
+                 "mask (B,N) 0/1: image 1 has NO masked token, image 2 has ALL tokens masked (both counts clamped "
+                 "to >= 1). loss = mean_b[sum(ce*m)/max(sum m,1) + w_vis*sum(ce*(1-m))/max(sum(1-m),1)]. ")
+                + "Center updated AFTER the loss from ALL B*N teacher tokens (not only masked ones). "
+                "teacher_temp = torch.tensor(0.04) in the default dtype (float64 here: exact, = step{k}_teacher_temp); "
+                "the mask weights use ce.dtype (no other default-dtype dependence). Same inputs in all four iBOT++ cases."
+            ),
+            batch_size=B, num_tokens=N, has_mask=has_mask,
+        )
+
+
+# --------------------------------------------------------------------------- 15. KoLeo
+
+
+def koleo_nn(x: np.ndarray, eps: float) -> np.ndarray:
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    s = xn @ xn.T
+    np.fill_diagonal(s, -2.0)
+    return np.argmax(s, axis=1)
+
+
+def gen_koleo() -> None:
+    cases = [
+        ("b6_d8", randn(12000, (6, 8)), 1e-8, ""),
+        ("b16_d4", randn(12001, (16, 4)), 1e-8, ""),
+        ("b16_d4_eps1e-3", randn(12001, (16, 4)), 1e-3, ""),
+        ("closed_b1", np.array([[1.0]]), 1e-8, "closed form: B=1, the nearest neighbour is the point itself; "
+         "loss = -log(||0 + eps|| + eps) = -log(2e-8) = 17.7275; grads exactly 0 (the two paths cancel)."),
+        ("closed_antipodal", np.array([[0.0, 1.0], [0.0, -1.0]]), 1e-8, "closed form: -log 2 (up to the eps)."),
+        ("closed_orthogonal", np.array([[0.0, 1.0], [1.0, 0.0]]), 1e-8, "closed form: -log sqrt2 (up to the eps)."),
+        ("closed_six_points", np.array([[0, 1], [1, 0], [1, 1], [-1, 0], [0, -1], [-1, -1]], dtype=np.float64), 1e-8,
+         "closed form 0.2674 (lightly test). Rows 2 ([1,1]) and 5 ([-1,-1]) have EXACT ties between two neighbours "
+         "(cos 0.7071 to both axes); torch argmax takes the FIRST max (row 2 -> 0, row 5 -> 3), and the "
+         "gradient depends on that choice (value does not)."),
+    ]
+    for name, x, eps, note in cases:
+        mod = L.KoLeoLoss(p=2, eps=eps).to(F64)
+        nn_idx = koleo_nn(x, eps)
+
+        def fn(x, mod=mod, nn_idx=nn_idx):
+            return mod(x), {"nn_idx": torch.tensor(nn_idx.astype(np.float64))}
+
+        add_case(
+            f"koleo/lightly/{name}", "koleo", "lightly", f"KoLeoLoss(p=2, eps={eps:g})(x)",
+            {"p": 2, "eps": eps}, {"x": x}, fn, ["x"],
+            notes=(note + " " if note else "") + "x_hat = x/max(||x||, eps); S = x_hat x_hat^T with diagonal := -2; "
+            "nn = argmax_j S_ij (first max on ties; stored as nn_idx, float64 ints); d_i = ||x_hat_i - x_hat_nn + eps||_2 "
+            "(torch PairwiseDistance adds eps to the DIFFERENCE, every component); loss = -mean log(d_i + eps).",
+            **({"hard": True} if name == "closed_six_points" else {}),
+        )
+
+
+# --------------------------------------------------------------------------- 16. TiCo
+
+
+def gen_tico() -> None:
+    configs = [((8, 4), 0.9, 8.0, [True, True, True]), ((5, 16), 0.5, 2.0, [True, True, True]),
+               ((8, 4), 0.9, 8.0, [True, False, True])]
+    for ci, ((B, D), beta, rho, upd) in enumerate(configs):
+        case = f"tico/lightly/b{B}_d{D}_beta{beta:g}_rho{rho:g}" + ("_noupdate2" if not upd[1] else "")
+        mod = L.TiCoLoss(beta=beta, rho=rho)
+        data: dict[str, np.ndarray] = {"covariance0": np.zeros((D, D))}
+        C = np.zeros((D, D))
+        seed = 12500 + 10 * (ci if ci < 2 else 0)  # case 3 reuses case 1's inputs
+        for k in range(1, 4):
+            za, zb = randn(seed, (B, D)), randn(seed + 1, (B, D))
+            seed += 2
+            ta, tb = leaf(za), leaf(zb)
+            loss = mod(ta, tb, update_covariance_matrix=upd[k - 1])
+            ga, gb = torch.autograd.grad(loss, [ta, tb])
+            na = za / np.linalg.norm(za, axis=1, keepdims=True)
+            nb = zb / np.linalg.norm(zb, axis=1, keepdims=True)
+            Ccur = beta * C + (1 - beta) * (na.T @ na) / B
+            ref = 1.0 - (na * nb).sum(1).mean() + rho * ((na @ Ccur) * na).sum(1).mean()
+            assert abs(ref - float(loss.detach())) <= 1e-13 * abs(ref), (case, ref, float(loss.detach()))
+            if upd[k - 1]:
+                C = Ccur
+            assert close(C, to_np(mod.C), 1e-14, 1e-15), case
+            data.update({
+                f"step{k}_z_a": za, f"step{k}_z_b": zb, f"step{k}_loss": to_np(loss),
+                f"step{k}_grad_z_a": to_np(ga), f"step{k}_grad_z_b": to_np(gb), f"step{k}_covariance": to_np(mod.C),
+            })
+        add_steps_case(
+            case, "tico", "lightly",
+            f"TiCoLoss(beta={beta:g}, rho={rho:g}); 3 calls mod(z_a, z_b, update_covariance_matrix=u) for u in {upd}",
+            {"beta": beta, "rho": rho, "update_covariance_matrix": upd},
+            data, 3, ["z_a", "z_b", "loss", "grad_z_a", "grad_z_b", "covariance"], ["covariance0"],
+            notes=(
+                "kwargs.update_covariance_matrix is the PER-STEP list. C starts as None -> zeros (covariance0). Each "
+                "call: n = F.normalize rows; Bm = (n_a^T n_a).detach()/B; C_cur = beta*C + (1-beta)*Bm is used in THIS "
+                "step's loss = 1 - mean<n_a,n_b> + rho*mean n_a^T C_cur n_a; afterwards C <- C_cur.detach() only if "
+                "update_covariance_matrix (step{k}_covariance = C after the step; with update False it equals the "
+                "previous one). grad_z_b: lightly does NOT detach z_b (it comes from the momentum encoder), so "
+                "grad_z_b is the gradient of the invariance term only; the JAX loss may stop-gradient z_b - compare "
+                "grad_z_a always, grad_z_b only if z_b is not stop-gradiented. C is a plain attribute (float64 here)."
+            ),
+            batch_size=B,
+        )
+
+
+# --------------------------------------------------------------------------- 17. SwaV
+
+
+def unit_rows(seed: int, shape) -> np.ndarray:
+    x = randn(seed, shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def gen_swav() -> None:
+    from lightly.loss import swav_loss as lightly_swav
+
+    B, K, D, Q = 6, 5, 8, 8
+    configs = [
+        (2, 0, False, 3, 0.1, 0.05),
+        (2, 4, False, 3, 0.1, 0.05),
+        (2, 2, True, 3, 0.1, 0.05),
+        (2, 0, False, 0, 0.1, 0.05),
+        (2, 2, True, 0, 0.2, 0.03),
+        (3, 2, False, 3, 0.2, 0.03),
+    ]
+    protos = unit_rows(13000, (K, D))
+    for ci, (nh, nl, queue, iters, tau, eps) in enumerate(configs):
+        case = f"swav/lightly/h{nh}_l{nl}_" + (f"q{Q}_" if queue else "") + f"it{iters}_t{tau:g}_e{eps:g}"
+        s = 13100 + 50 * ci
+        inp = {f"high{i}": unit_rows(s + i, (B, D)) @ protos.T for i in range(nh)}
+        inp.update({f"low{j}": unit_rows(s + 10 + j, (B, D)) @ protos.T for j in range(nl)})
+        if queue:
+            inp.update({f"queue{i}": unit_rows(s + 20 + i, (Q, D)) @ protos.T for i in range(nh)})
+        mod = L.SwaVLoss(temperature=tau, sinkhorn_iterations=iters, sinkhorn_epsilon=eps)
+
+        def fn(nh=nh, nl=nl, queue=queue, mod=mod, iters=iters, eps=eps, tau=tau, **t):
+            hi = [t[f"high{i}"] for i in range(nh)]
+            lo = [t[f"low{j}"] for j in range(nl)]
+            qu = [t[f"queue{i}"] for i in range(nh)] if queue else None
+            loss = mod(hi, lo, qu)
+            assert tuple(loss.shape) == (1,)
+            codes = {}
+            for i in range(nh):
+                o = hi[i].detach()
+                if queue:
+                    o = torch.cat((o, qu[i].detach()))
+                codes[f"codes{i}"] = lightly_swav.sinkhorn(o, iterations=iters, epsilon=eps)[:B]
+            # the loss re-assembled from the codes (checks the codes are the ones used)
+            n_crops = nh + nl
+            ref = 0.0
+            for i in range(nh):
+                q = to_np(codes[f"codes{i}"])
+                sub = 0.0
+                for z in [to_np(h) for v, h in enumerate(hi) if v != i] + [to_np(x) for x in lo]:
+                    sub += -np.mean(np.sum(q * np_log_softmax(z / tau), axis=1))
+                ref += sub / (n_crops - 1)
+            ref /= nh
+            assert abs(ref - float(loss.detach())) <= 1e-13 * abs(ref), (ref, float(loss.detach()))
+            return loss, codes
+
+        add_case(
+            case, "swav", "lightly",
+            f"SwaVLoss(temperature={tau:g}, sinkhorn_iterations={iters}, sinkhorn_epsilon={eps:g})"
+            f"([high0..{nh - 1}], [" + (f"low0..{nl - 1}" if nl else "") + "], "
+            + ("[queue0..]" if queue else "None") + ")",
+            {"temperature": tau, "sinkhorn_iterations": iters, "sinkhorn_epsilon": eps},
+            inp, fn, [f"high{i}" for i in range(nh)] + [f"low{j}" for j in range(nl)],
+            notes=(
+                "Inputs are scores = unit features @ unit prototypes^T (in [-1,1]; lightly has no max-shift before "
+                "exp(s/eps)). codes{i} (B,K) = lightly.loss.swav_loss.sinkhorn(cat(high_i.detach(), queue_i), "
+                "iterations, epsilon)[:B]: Q = exp(s/eps)^T (K x n), Q /= sum(Q), n = B(+Q); per iteration "
+                "Q /= rowsum (per prototype); Q /= colsum; Q /= n; finally Q *= n, transpose. "
+                + ("sinkhorn_iterations=0: codes = n*exp(s/eps)/sum(exp) (rows do NOT sum to 1). " if iters == 0 else "")
+                + "loss_i = sum over other high crops v!=i and all low crops of -mean_b sum_k q_i log_softmax(z_v/tau), "
+                "divided by (n_crops-1); loss = mean_i loss_i. torch returns shape (1,) (stored as a scalar). "
+                "Codes are detached; no gradient reaches the queue."
+            ),
+            n_high=nh, n_low=nl, queue=queue, queue_size=Q if queue else 0,
+        )
+
+
+# --------------------------------------------------------------------------- 18. MSN / PMSN
+
+
+def gen_msn() -> None:
+    from lightly.loss import msn_loss as lightly_msn
+    from lightly.loss import pmsn_loss as lightly_pmsn
+
+    configs = [
+        # (B, Va, D, K, temperature, sinkhorn_iterations, regularization_weight, target_sharpen_temperature, e)
+        (4, 2, 8, 5, 0.1, 3, 1.0, 0.25, 0.25),
+        (6, 3, 16, 10, 0.2, 5, 0.5, 0.5, 0.5),
+        (4, 2, 8, 5, 0.1, 0, 1.0, 0.25, 0.25),
+    ]
+    custom = np.array([0.4, 0.25, 0.15, 0.12, 0.08])
+    for ci, (B, Va, D, K, tau, iters, reg, ts, e) in enumerate(configs):
+        s = 14000 + 10 * (ci if ci < 2 else 0)  # the sinkhorn_iterations=0 case reuses config 0's inputs
+        inp = {"anchors": randn(s, (B * Va, D)), "targets": randn(s + 1, (B, D)), "prototypes": randn(s + 2, (K, D))}
+
+        def target_probs(targets, prototypes, tau=tau, ts=ts, iters=iters):
+            with torch.no_grad():
+                t = torch.nn.functional.normalize(targets, dim=1)
+                p = torch.nn.functional.normalize(prototypes, dim=1)
+                tp = lightly_msn.sharpen(lightly_msn.prototype_probabilities(t, p, tau), ts)
+                if iters > 0:
+                    tp = lightly_msn.sinkhorn(tp, iterations=iters)
+                return tp
+
+        variants = [("msn", L.MSNLoss(temperature=tau, sinkhorn_iterations=iters, regularization_weight=reg), {}),
+                    ("pmsn", L.PMSNLoss(temperature=tau, sinkhorn_iterations=iters, regularization_weight=reg,
+                                        power_law_exponent=e), {"power_law_exponent": e})]
+        if K == len(custom):
+            variants.append(("pmsn_custom", lightly_pmsn.PMSNCustomLoss(
+                target_distribution=lambda p: torch.tensor(custom, dtype=p.dtype), temperature=tau,
+                sinkhorn_iterations=iters, regularization_weight=reg), {"target_distribution": custom.tolist()}))
+        for lname, mod, kx in variants:
+            case = f"{lname}/lightly/b{B}_va{Va}_d{D}_k{K}_t{tau:g}_it{iters}_r{reg:g}_ts{ts:g}" + (
+                f"_e{e:g}" if lname == "pmsn" else "")
+
+            def fn(anchors, targets, prototypes, mod=mod, ts=ts, lname=lname, e=e, K=K, tp_fn=target_probs):
+                loss = mod(anchors, targets, prototypes, target_sharpen_temperature=ts)
+                extras = {"target_probs": tp_fn(targets, prototypes)}
+                if lname == "pmsn":
+                    extras["target_distribution"] = lightly_pmsn._power_law_distribution(K, e, anchors.device)
+                    assert extras["target_distribution"].dtype == F64
+                if lname == "pmsn_custom":
+                    extras["target_distribution"] = torch.tensor(custom)
+                return loss, extras
+
+            kwargs = {"temperature": tau, "sinkhorn_iterations": iters, "regularization_weight": reg,
+                      "target_sharpen_temperature": ts, **kx}
+            add_case(
+                case, lname, "lightly",
+                {"msn": "MSNLoss", "pmsn": "PMSNLoss", "pmsn_custom": "PMSNCustomLoss"}[lname]
+                + f"({', '.join(f'{a}={b}' for a, b in kwargs.items() if a != 'target_sharpen_temperature')})"
+                f"(anchors, targets, prototypes, target_sharpen_temperature={ts:g})",
+                kwargs, inp, fn, ["anchors", "prototypes"],
+                notes=(
+                    "anchors (B*Va, D) view-major. All three inputs F.normalize'd. p = softmax(a P^T/tau). Target "
+                    "branch under no_grad (target_probs output = (B,K) after sharpen p^(1/ts)/sum and Sinkhorn, "
+                    "before repeat((Va,1))): "
+                    + ("Sinkhorn skipped (iterations=0). " if iters == 0 else
+                       "Sinkhorn on (K,B): /= total; per iteration /= rowsum, /= K, /= colsum, /= B; then *= B. ")
+                    + "CE = mean_anchors sum_k log(p^(-t)). p_bar = mean_anchors p (local). "
+                    + {"msn": "reg = sum p_bar log p_bar + log K (written -sum log(p_bar^(-p_bar)) + log K).",
+                       "pmsn": "reg = kl_div(log p_bar, pi, 'sum') = sum pi (log pi - log p_bar) = KL(pi||p_bar), "
+                               "pi_k = k^-e / sum in prototype index order; pi is computed in torch's DEFAULT dtype "
+                               "(float64 in this script, float32 for a normal user) and stored as target_distribution.",
+                       "pmsn_custom": "reg = sum pi (log pi - log p_bar) with the fixed pi = kwargs.target_distribution "
+                                      "(not renormalized by lightly; stored as target_distribution)."}[lname]
+                    + " loss = CE + regularization_weight*reg. Targets get no gradient (not stored)."
+                ),
+                batch_size=B, anchor_views=Va,
+            )
+
+
+# --------------------------------------------------------------------------- 19. CAPI
+
+
+def gen_capi() -> None:
+    from lightly.loss import capi_loss as lightly_capi
+
+    configs = [
+        # (B, Nt, Np, K, tt, ts, iters, with_index)
+        (3, 5, 5, 6, 0.06, 0.12, 3, False),
+        (3, 5, 3, 6, 0.06, 0.12, 3, True),
+        (4, 6, 4, 8, 0.1, 0.2, 5, True),
+        (3, 5, 5, 6, 0.06, 0.12, 0, False),
+    ]
+    for ci, (B, Nt, Np, K, tt, ts, iters, with_index) in enumerate(configs):
+        case = f"capi/lightly/b{B}_nt{Nt}_np{Np}_k{K}_tt{tt:g}_ts{ts:g}_it{iters}" + ("_index" if with_index else "")
+        s = 15000 + 10 * ci
+        inp = {"teacher_logits": randn(s, (B, Nt, K)), "student_logits": randn(s + 1, (B, Np, K))}
+        if with_index:
+            rs = np.random.RandomState(s + 2)
+            inp["teacher_index"] = np.stack([np.sort(rs.choice(Nt, Np, replace=False)) for _ in range(B)]).astype(np.float64)
+        mod = L.CAPILoss(teacher_temperature=tt, student_temperature=ts, sinkhorn_iterations=iters)
+
+        def fn(teacher_logits, student_logits, teacher_index=None, mod=mod, tt=tt, iters=iters):
+            idx = None if teacher_index is None else teacher_index.detach().long()
+            loss = mod(teacher_logits, student_logits, idx)
+            a = lightly_capi.sinkhorn_knopp(teacher_logits.detach() / tt, iterations=iters)
+            return loss, {"assignments": a}
+
+        add_case(
+            case, "capi", "lightly",
+            f"CAPILoss(teacher_temperature={tt:g}, student_temperature={ts:g}, sinkhorn_iterations={iters})"
+            "(teacher_logits, student_logits, " + ("teacher_index.long())" if with_index else "None)"),
+            {"teacher_temperature": tt, "student_temperature": ts, "sinkhorn_iterations": iters},
+            inp, fn, ["student_logits"],
+            notes=(
+                "assignments (B,Nt,K) = lightly.loss.capi_loss.sinkhorn_knopp(teacher/tt): per sequence position "
+                "q = exp(x - max over the batch); per iteration q /= (sum over batch + 1e-8); q /= (sum over K + 1e-8). "
+                + ("iterations=0: assignments = exp(x - batch max), NOT normalized. " if iters == 0 else "")
+                + ("teacher_index (B,Np) holds int values stored as float64 (cast to long for torch); targets = "
+                   "assignments gathered along the token axis AFTER Sinkhorn over all Nt tokens. " if with_index else
+                   "No index: student and teacher tokens aligned (Np = Nt). ")
+                + "loss = mean over (B,Np) of -sum_k a*log_softmax(student/ts). Teacher detached (grad not stored)."
+            ),
+        )
+
+
+# --------------------------------------------------------------------------- 20. CO2
+
+
+def co2_reference(out0, out1, bank, alpha: float, t: float) -> torch.Tensor:
+    """Transcription of lightly's CO2Regularizer.forward WITHOUT the final torch.tensor(...) (keeps autograd).
+    bank: (n, D) negatives before the step (detached), or None."""
+    n0 = torch.nn.functional.normalize(out0, dim=1)
+    n1 = torch.nn.functional.normalize(out1, dim=1)
+
+    def pseudo(a, b):
+        Bsz = a.shape[0]
+        l_pos = (a * b).sum(1, keepdim=True)
+        if bank is None:
+            l_neg = (a @ b.t()).masked_select(~torch.eye(Bsz, dtype=torch.bool)).view(Bsz, Bsz - 1)
+        else:
+            l_neg = a @ bank.t()
+        return torch.log_softmax(torch.cat([l_pos, l_neg], 1) / t, -1)
+
+    p, q = pseudo(n0, n1), pseudo(n1, n0)
+
+    def kl(inp, tgt):  # KLDivLoss(reduction="batchmean", log_target=True)(inp, tgt)
+        return (tgt.exp() * (tgt - inp)).sum() / inp.shape[0]
+
+    return alpha * 0.5 * (kl(p, q) + kl(q, p))
+
+
+def gen_co2() -> None:
+    from lightly.loss.regularizer import CO2Regularizer
+
+    note_common = (
+        "lightly returns torch.tensor(alpha*0.5*div): a NEW leaf, detached (no gradient). The stored grads are "
+        "REFERENCE gradients from make_golden.co2_reference, a transcription of lightly's forward without the final "
+        "torch.tensor wrap, run with autograd on the same tensors; its value equals lightly's (asserted to 1e-13). "
+        "n0, n1 = F.normalize; logits_p = [<n0,n1>, negatives]/t, logits_q = [<n1,n0>, negatives']/t; "
+        "p, q = log_softmax; div = KL_batchmean(p,q) + KL_batchmean(q,p) with log targets, "
+        "KLDivLoss(inp, tgt) = sum(exp(tgt)*(tgt-inp))/B; loss = alpha*0.5*div. "
+    )
+    for ci, (B, D, alpha, t) in enumerate([(6, 8, 1.0, 0.05), (5, 4, 0.5, 0.2)]):
+        inp = {"out0": randn(16000 + 2 * ci, (B, D)), "out1": randn(16001 + 2 * ci, (B, D))}
+        mod = CO2Regularizer(alpha=alpha, t_consistency=t, memory_bank_size=0)
+
+        def fn(out0, out1, mod=mod, alpha=alpha, t=t):
+            lv = mod(out0, out1)
+            assert not lv.requires_grad and lv.dtype == F64
+            ref = co2_reference(out0, out1, None, alpha, t)
+            assert abs(float(ref.detach()) - float(lv)) <= 1e-13 * abs(float(lv)), (float(ref.detach()), float(lv))
+            return ref, {"lightly_loss": lv}
+
+        add_case(
+            f"co2/lightly/b{B}_d{D}_a{alpha:g}_t{t:g}", "co2", "lightly",
+            f"CO2Regularizer(alpha={alpha:g}, t_consistency={t:g}, memory_bank_size=0)(out0, out1)",
+            {"alpha": alpha, "t_consistency": t}, inp, fn, ["out0", "out1"],
+            grads_from="reference transcription (lightly's value is detached)",
+            notes=note_common + "No bank: negatives of p are n0 @ n1^T off-diagonal (B-1 per row), of q n1 @ n0^T "
+            "off-diagonal; gradients flow through those negatives. lightly_loss = lightly's (detached) value.",
+        )
+    # with a memory bank, 3 steps
+    for ci, (n, B, D, alpha, t) in enumerate([(8, 4, 5, 1.0, 0.1), (10, 4, 6, 0.5, 0.2)]):
+        case = f"co2/lightly/bank_n{n}_b{B}_d{D}_a{alpha:g}_t{t:g}"
+        torch.manual_seed(16100 + ci)
+        mod = CO2Regularizer(alpha=alpha, t_consistency=t, memory_bank_size=(n, D)).to(F64)
+        mb = mod.memory_bank
+        assert mb.bank.dtype == F64
+        data: dict[str, np.ndarray] = {"bank0": to_np(mb.bank.clone()),
+                                       "ptr0": np.asarray(int(mb.bank_ptr[0]), dtype=np.int64)}
+        seed = 16200 + 100 * ci
+        first_overflow = None
+        for k in range(1, 4):
+            a, b = randn(seed, (B, D)), randn(seed + 1, (B, D))
+            seed += 2
+            if int(mb.bank_ptr[0]) + B > n and first_overflow is None:  # rows dropped (as ntxent_memory_bank)
+                first_overflow = k
+            t0, t1 = leaf(a), leaf(b)
+            bank_before = mb.bank.clone().detach()
+            ref = co2_reference(t0, t1, bank_before, alpha, t)
+            lv = mod(t0, t1)
+            assert not lv.requires_grad
+            assert abs(float(ref.detach()) - float(lv)) <= 1e-13 * abs(float(lv)), (case, float(ref.detach()), float(lv))
+            g0, g1 = torch.autograd.grad(ref, [t0, t1])
+            data.update({
+                f"step{k}_out0": a, f"step{k}_out1": b, f"step{k}_loss": to_np(ref), f"step{k}_lightly_loss": to_np(lv),
+                f"step{k}_grad_out0": to_np(g0), f"step{k}_grad_out1": to_np(g1),
+                f"step{k}_bank": to_np(mb.bank.clone()), f"step{k}_ptr": np.asarray(int(mb.bank_ptr[0]), dtype=np.int64),
+            })
+        add_steps_case(
+            case, "co2", "lightly",
+            f"torch.manual_seed({16100 + ci}); CO2Regularizer(alpha={alpha:g}, t_consistency={t:g}, "
+            f"memory_bank_size=({n}, {D})).to(torch.float64); 3 calls mod(out0, out1)",
+            {"alpha": alpha, "t_consistency": t},
+            data, 3, ["out0", "out1", "loss", "lightly_loss", "grad_out0", "grad_out1", "bank", "ptr"],
+            ["bank0", "ptr0"],
+            notes=note_common + (
+                "Bank: negatives = bank BEFORE the step (bank0 / step{k-1}_bank), detached, the SAME negatives for p "
+                "and q (no in-batch negatives). The bank is queried/updated with normalized out1 on EVERY call "
+                "(update=True, even under no_grad; unlike NTXent it does not check requires_grad); FIFO as in the "
+                "NTXent bank: if ptr+B >= n: bank[ptr:] = n1[:n-ptr], ptr = 0 (rest dropped), else bank[ptr:ptr+B] = n1, "
+                "ptr += B. bank0 is float32-representable (created float32, .to(float64)). step{k}_loss = reference "
+                "value (== step{k}_lightly_loss)."
+            ),
+            bank_size=[n, D], batch_size=B, first_overflow_step=first_overflow,
+            grads_from="reference transcription (lightly's value is detached)",
+        )
+
+
+# --------------------------------------------------------------------------- 21. WMSE
+
+
+def np_whiten(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = x.mean(0)
+    xc = x - m
+    cov = xc.T @ xc / (x.shape[0] - 1)
+    Lc = np.linalg.cholesky((1 - eps) * cov + eps * np.eye(x.shape[1]))
+    return np.linalg.solve(Lc, xc.T).T, m, cov
+
+
+def gen_wmse() -> None:
+    configs = [
+        # (embedding_dim, w_size, w_iter, num_samples, B per view, momentum, eps)
+        (4, 8, 1, 2, 8, 0.01, 0.0),
+        (4, 8, 2, 2, 16, 0.1, 0.0),
+        (4, 8, 1, 3, 16, 0.05, 0.1),
+    ]
+    orig_randperm = torch.randperm
+    for ci, (Dm, ws, wit, ns, bs, mom, eps) in enumerate(configs):
+        case = f"wmse/lightly/d{Dm}_ws{ws}_wit{wit}_ns{ns}_b{bs}_m{mom:g}_e{eps:g}"
+        mod = L.WMSELoss(embedding_dim=Dm, momentum=mom, eps=eps, w_iter=wit, w_size=ws, num_samples=ns).to(F64)
+        wh = mod.whitening
+        data: dict[str, np.ndarray] = {"running_mean0": to_np(wh.running_mean.reshape(Dm)),
+                                       "running_variance0": to_np(wh.running_variance)}
+        rm, rv = data["running_mean0"].copy(), data["running_variance0"].copy()
+        torch.manual_seed(17000 + ci)
+        A = randn(17100 + ci, (Dm, Dm)) + 2 * np.eye(Dm)
+        seed = 17200 + 100 * ci
+        modes = ["train", "train", "eval"]
+        drawn: list[torch.Tensor] = []
+
+        def rp(*a, drawn=drawn, **k):
+            r = orig_randperm(*a, **k)
+            drawn.append(r.clone())
+            return r
+
+        for k, mode in enumerate(modes, 1):
+            x = randn(seed, (ns * bs, Dm)) @ A + 0.3 * randn(seed + 1, (1, Dm))
+            seed += 2
+            mod.train(mode == "train")
+            drawn.clear()
+            tx = leaf(x)
+            torch.randperm = rp
+            try:
+                loss = mod(tx)
+            finally:
+                torch.randperm = orig_randperm
+            (g,) = torch.autograd.grad(loss, [tx])
+            assert len(drawn) == wit
+            # numpy re-computation, including the order of the running-stat updates
+            tot = 0.0
+            for perm in drawn:
+                pm = perm.numpy()
+                z = np.empty_like(x)
+                for idx in pm.reshape(-1, ws):
+                    for i in range(ns):
+                        rows = idx + i * bs
+                        if mode == "train":
+                            zz, m, cov = np_whiten(x[rows], eps)
+                            rm = mom * m + (1 - mom) * rm
+                            rv = mom * cov + (1 - mom) * rv
+                        else:
+                            Lc = np.linalg.cholesky((1 - eps) * rv + eps * np.eye(Dm))
+                            zz = np.linalg.solve(Lc, (x[rows] - rm).T).T
+                        z[rows] = zz
+                for i in range(ns - 1):
+                    for j in range(i + 1, ns):
+                        x0, x1 = z[i * bs:(i + 1) * bs], z[j * bs:(j + 1) * bs]
+                        x0 = x0 / np.linalg.norm(x0, axis=1, keepdims=True)
+                        x1 = x1 / np.linalg.norm(x1, axis=1, keepdims=True)
+                        tot += 2 - 2 * (x0 * x1).sum(1).mean()
+            ref = tot / (wit * ns * (ns - 1) // 2)
+            assert abs(ref - float(loss.detach())) <= 1e-11 * abs(ref), (case, k, ref, float(loss.detach()))
+            assert close(rm, to_np(wh.running_mean.reshape(Dm)), 1e-12, 1e-14), case
+            assert close(rv, to_np(wh.running_variance), 1e-12, 1e-14), case
+            data.update({f"step{k}_input": x, f"step{k}_loss": to_np(loss), f"step{k}_grad_input": to_np(g),
+                         f"step{k}_running_mean": to_np(wh.running_mean.reshape(Dm)),
+                         f"step{k}_running_variance": to_np(wh.running_variance)})
+            for i, perm in enumerate(drawn):
+                data[f"step{k}_perm{i}"] = perm.numpy().astype(np.float64)
+        # one direct eval-mode Whitening2d call on the last input
+        with torch.no_grad():
+            data["eval_whitened"] = to_np(wh(leaf(data[f"step{len(modes)}_input"], False)))
+        Lc = np.linalg.cholesky((1 - eps) * rv + eps * np.eye(Dm))
+        assert close(np.linalg.solve(Lc, (data[f"step{len(modes)}_input"] - rm).T).T, data["eval_whitened"], 1e-11, 1e-12)
+        add_steps_case(
+            case, "wmse", "lightly",
+            f"WMSELoss(embedding_dim={Dm}, momentum={mom:g}, eps={eps:g}, w_iter={wit}, w_size={ws}, num_samples={ns})"
+            f".to(float64); torch.manual_seed({17000 + ci}); mod.train() x2 calls, then mod.eval() x1 call mod(input); "
+            "then eval-mode mod.whitening(step3_input)",
+            {"embedding_dim": Dm, "w_size": ws, "w_iter": wit, "num_samples": ns, "momentum": mom, "eps": eps},
+            data, 3, ["input", "loss", "grad_input", "running_mean", "running_variance"]
+            + [f"perm{i}" for i in range(wit)],
+            ["running_mean0", "running_variance0", "eval_whitened"],
+            notes=(
+                "input (ns*B, D) sample-major (view i = rows i*B..(i+1)*B). step{k}_perm{i} = the torch.randperm(B) "
+                "actually drawn in w-iteration i (int values stored as float64); sub-batches are consecutive chunks "
+                "of w_size of it (perm.view(-1, w_size)), applied to EACH view separately (rows idx + v*B). Whitening "
+                "of a sub-batch: m = mean, cov = xc^T xc/(n-1), W = L^-1 with L = cholesky((1-eps)cov + eps I), "
+                "z = xc W^T. Train mode: after EVERY whitening call (order: w-iteration, sub-batch in perm order, "
+                "view) running_mean <- mom*m + (1-mom)*running_mean and running_variance <- mom*cov + "
+                "(1-mom)*running_variance (stored after the step; running_mean is (D,), lightly shape (1,D,1,1)). "
+                "Eval mode (step 3): m = running_mean, cov = running_variance, stats unchanged, the permutation "
+                "still drawn but irrelevant. loss = sum over w-iterations and view pairs i<j of "
+                "(2 - 2*mean_b cos(z_i,z_j)) / (w_iter*num_pairs). eval_whitened = Whitening2d in eval mode on "
+                "step3_input (rows whitened with the final running stats)."
+            ),
+            modes=modes, batch_size=bs,
+        )
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -661,7 +1516,10 @@ def verify(out_dir: Path) -> None:
         need = [f"{c['case']}/{n}" for n in c["inputs"]]
         need += [f"{c['case']}/grad_{n}" for n in c["grads"]]
         need += [f"{c['case']}/{n}" for n in c["outputs"]]
-        if "steps" in c:
+        if "step_keys" in c:
+            need += [f"{c['case']}/{n}" for n in c["static_keys"]]
+            need += [f"{c['case']}/step{k}_{n}" for k in range(1, c["steps"] + 1) for n in c["step_keys"]]
+        elif "steps" in c:
             need += [f"{c['case']}/bank0", f"{c['case']}/ptr0"]
             for k in range(1, c["steps"] + 1):
                 need += [f"{c['case']}/step{k}_{n}" for n in ("out0", "out1", "loss", "grad_out0", "grad_out1", "bank", "ptr")]
@@ -696,6 +1554,15 @@ def main() -> None:
         gen_vicreg()
         gen_fovi_vicreg()
         gen_fovi_simclr()
+        gen_dino()
+        gen_ibot()
+        gen_koleo()
+        gen_tico()
+        gen_swav()
+        gen_msn()
+        gen_capi()
+        gen_co2()
+        gen_wmse()
     finally:
         tdist.destroy_process_group()
     np.savez_compressed(out_dir / "golden.npz", **ARRAYS)
