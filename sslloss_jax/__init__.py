@@ -51,6 +51,10 @@ from sslloss_jax._similarity import (
     sym_negative_cosine_similarity_loss as sym_negative_cosine_similarity_loss,
 )
 from sslloss_jax._similarity import uniformity_loss as uniformity_loss
+from sslloss_jax._whitening import WMSEState as WMSEState
+from sslloss_jax._whitening import init_wmse_state as init_wmse_state
+from sslloss_jax._whitening import whiten as whiten
+from sslloss_jax._whitening import wmse_loss as wmse_loss
 
 __version__ = "0.1.0"
 
@@ -62,6 +66,7 @@ __all__ = [
     "SwaVQueueState",
     "TiCoState",
     "VICRegTerms",
+    "WMSEState",
     "alignment_loss",
     "barlow_twins_loss",
     "barlow_twins_terms",
@@ -80,6 +85,7 @@ __all__ = [
     "init_memory_bank",
     "init_swav_queue",
     "init_tico_state",
+    "init_wmse_state",
     "koleo_loss",
     "memory_bank_enqueue",
     "msn_loss",
@@ -98,4 +104,6 @@ __all__ = [
     "uniformity_loss",
     "vicreg_loss",
     "vicreg_terms",
+    "whiten",
+    "wmse_loss",
 ]

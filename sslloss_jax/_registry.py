@@ -360,6 +360,33 @@ LOSSES += (
     ),
 )
 
+def _wmse_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Two views; the dimension is capped at batch // 2 (W-MSE needs w_size >= 2·dim)."""
+    k = max(1, min(dim, batch // 2))
+    x0 = rng.standard_normal((batch, k)).astype(np.float32)
+    x1 = (x0 + 0.5 * rng.standard_normal((batch, k))).astype(np.float32)
+    return Example((x0, x1), S.init_wmse_state(k))
+
+
+def _apply_wmse(batch, state, *, axis_name: AxisName = None, **hyper):
+    """The views as a sequence; by default the global batch is one sub-batch, eps = 0.1
+    (degenerate inputs stay finite) and a fixed, replicated key."""
+    n = lax.axis_size(axis_name) if isinstance(axis_name, (str, tuple)) else 1
+    shape = np.shape(batch[0])
+    hyper = {"eps": 0.1, "embedding_dim": shape[-1], "w_size": shape[0] * n, **hyper}
+    key = hyper.pop("key", jax.random.key(0))
+    return S.wmse_loss(list(batch), state, key, axis_name=axis_name, **hyper)
+
+
+LOSSES += (
+    LossSpec(
+        "wmse_loss", "whitening", {"lightly": "WMSELoss"}, True,
+        "sub-batches drawn from the gathered global batch (same key on every device); "
+        "whitening and running statistics of the global batch",
+        _apply_wmse, _wmse_example, {"eps": (0.1, 0.3)}, min_batch=2, symmetric=True,
+    ),
+)
+
 # Not in the README table (same loss); exercises the queue in the generic tests.
 QUEUE_VARIANTS = (
     LossSpec(
