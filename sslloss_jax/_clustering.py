@@ -149,8 +149,7 @@ def init_swav_queue(
     n_crops: int, size: int, dim: int, dtype: jnp.dtype = jnp.float32
 ) -> SwaVQueueState:
     """An empty queue (``filled = 0``) of ``n_crops × size`` rows of dimension ``dim``."""
-    if not isinstance(n_crops, int) or n_crops < 1:
-        raise ValueError(f"n_crops must be a positive int, got {n_crops!r}")
+    val.check_state_spec(dtype, n_crops=n_crops)
     bank = init_memory_bank(jax.random.key(0), size, dim, dtype)
     return SwaVQueueState(jnp.zeros((n_crops, size, dim), dtype), bank.ptr,
                           jnp.zeros((), jnp.int32))

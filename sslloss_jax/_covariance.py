@@ -29,10 +29,7 @@ class TiCoState(NamedTuple):
 
 def init_tico_state(dim: int, dtype: jnp.dtype = jnp.float32) -> TiCoState:
     """A zero ``[dim, dim]`` covariance (lightly initializes it lazily to zeros)."""
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    val.check_state_spec(dtype, dim=dim)
     return TiCoState(jnp.zeros((dim, dim), dtype))
 
 

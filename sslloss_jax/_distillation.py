@@ -42,10 +42,7 @@ class DINOState(NamedTuple):
 
 def init_dino_state(output_dim: int, dtype: jnp.dtype = jnp.float32) -> DINOState:
     """A zero center of dimension ``output_dim`` (lightly's initial buffer)."""
-    if not isinstance(output_dim, int) or isinstance(output_dim, bool) or output_dim < 1:
-        raise ValueError(f"output_dim must be a positive int, got {output_dim!r}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    val.check_state_spec(dtype, output_dim=output_dim)
     return DINOState(jnp.zeros((output_dim,), dtype))
 
 

@@ -44,11 +44,7 @@ def init_memory_bank(
     Returns:
       ``MemoryBankState(bank=[size, dim], ptr=0)``.
     """
-    for name, v in (("size", size), ("dim", dim)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    val.check_state_spec(dtype, size=size, dim=dim)
     bank = l2_normalize(jax.random.normal(key, (size, dim), jnp.float32), axis=-1)
     return MemoryBankState(bank.astype(dtype), jnp.zeros((), jnp.int32))
 

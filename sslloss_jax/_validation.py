@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ __all__ = [
     "check_temperature",
     "check_in_range",
     "check_min_batch",
+    "check_state_spec",
 ]
 
 
@@ -144,6 +146,15 @@ def check_in_range(
                 f"{name} must be in {brackets[0]}{lo}, {hi}{brackets[1]}, got {v}"
             )
     return arr
+
+
+def check_state_spec(dtype: Any, **sizes: object) -> None:
+    """Checks the arguments of an ``init_*`` function: positive int sizes, float dtype."""
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
 
 
 def check_min_batch(global_batch: int, minimum: int, what: str, local_shape: tuple) -> None:

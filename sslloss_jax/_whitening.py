@@ -45,10 +45,7 @@ def init_wmse_state(embedding_dim: int, dtype: jnp.dtype = jnp.float32) -> WMSES
 
     Pure: works under ``jax.jit`` and ``jax.eval_shape``.
     """
-    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    val.check_state_spec(dtype, embedding_dim=embedding_dim)
     return WMSEState(jnp.zeros((embedding_dim,), dtype), jnp.eye(embedding_dim, dtype=dtype))
 
 
