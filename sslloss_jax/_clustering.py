@@ -164,7 +164,7 @@ def swav_queue_update(
     FIFO with wrap-around (see :func:`memory_bank_enqueue`); under ``axis_name`` the global
     batch is enqueued on every device.
     """
-    feats = _stack_views(features, "features")
+    feats = val.stack_views(features, "features")
     if feats.shape[0] != state.features.shape[0]:
         raise ValueError(
             f"features has {feats.shape[0]} crops but the queue holds {state.features.shape[0]}"
@@ -174,17 +174,6 @@ def swav_queue_update(
     added = feats.shape[1] * coll.axis_size(axis_name)
     filled = jnp.minimum(state.filled + added, state.features.shape[1]).astype(jnp.int32)
     return SwaVQueueState(jnp.stack([m.bank for m in new]), new[0].ptr, filled)
-
-
-def _stack_views(views, name: str, ndim: int = 2) -> jax.Array:
-    if isinstance(views, (list, tuple)):
-        arrays = [val.as_float_array(v, f"{name}[{i}]", ndim=ndim) for i, v in enumerate(views)]
-        for i, a in enumerate(arrays[1:], 1):
-            val.check_same_shape(arrays[0], a, f"{name}[0]", f"{name}[{i}]")
-        if not arrays:
-            return jnp.zeros((0, 0, 0))
-        return jnp.stack(arrays)
-    return val.as_float_array(views, name, ndim=ndim + 1)
 
 
 def swav_loss(
@@ -233,9 +222,9 @@ def swav_loss(
     """
     val.check_axis_name(axis_name)
     val.check_temperature(temperature)
-    high = _stack_views(high_resolution_outputs, "high_resolution_outputs")
+    high = val.stack_views(high_resolution_outputs, "high_resolution_outputs")
     vh, b, k = high.shape
-    low = _stack_views(low_resolution_outputs, "low_resolution_outputs")
+    low = val.stack_views(low_resolution_outputs, "low_resolution_outputs")
     if low.size and low.shape[1:] != (b, k):
         raise ValueError(
             f"low_resolution_outputs views must have shape {(b, k)}, got {low.shape[1:]}")
@@ -247,7 +236,7 @@ def swav_loss(
     codes_in = lax.stop_gradient(high32)
     valid = None
     if queue_outputs is not None:
-        queue = _stack_views(queue_outputs, "queue_outputs")
+        queue = val.stack_views(queue_outputs, "queue_outputs")
         if queue.shape[0] != vh or queue.shape[2] != k:
             raise ValueError(
                 f"queue_outputs must hold {vh} arrays of shape (Q, {k}), got {queue.shape}")
@@ -285,7 +274,7 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
     if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 0:
         raise ValueError(f"sinkhorn_iterations must be >= 0 but is {sinkhorn_iterations!r}")
     if isinstance(anchors, (list, tuple)):  # a sequence of [batch, D] views
-        views = _stack_views(anchors, "anchors")
+        views = val.stack_views(anchors, "anchors")
         shown = f"anchors[0] {views.shape[1:]}"
         anchors = views.reshape(-1, views.shape[-1])
     else:

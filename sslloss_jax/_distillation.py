@@ -86,29 +86,27 @@ def update_center(
     teacher_out: jax.Array,
     momentum: ArrayLike,
     axis_name: AxisName = None,
+    where: jax.Array | None = None,
 ) -> jax.Array:
     """``m·center + (1 − m)·mean(teacher_out)`` over every axis but the last (stop-gradient).
 
     Under ``axis_name`` the mean is over the global batch (lightly all-reduces it too).
-    Shared by DINO and the iBOT losses.
+    ``where`` (the leading axes of ``teacher_out``) restricts the mean to some tokens; if
+    no token is selected anywhere, the center is returned unchanged. Shared by DINO and
+    the iBOT losses.
     """
-    x = lax.stop_gradient(teacher_out)
+    (x,) = upcast(lax.stop_gradient(teacher_out))
     x = x.reshape(-1, x.shape[-1])
-    batch_mean = coll.global_mean(jnp.sum(x, axis=0), x.shape[0], axis_name)
     m = jnp.asarray(momentum)
-    return (m * center + (1 - m) * batch_mean.astype(center.dtype)).astype(center.dtype)
-
-
-def _stack_views(views: Sequence[ArrayLike] | ArrayLike, name: str) -> jax.Array:
-    """Accepts a sequence of (B, K) arrays (lightly) or a stacked (V, B, K) array (nidl)."""
-    if isinstance(views, (list, tuple)):
-        if not views:
-            raise ValueError(f"{name} must hold at least one view, got an empty sequence")
-        arrays = [val.as_float_array(v, f"{name}[{i}]", ndim=2) for i, v in enumerate(views)]
-        for i, a in enumerate(arrays[1:], 1):
-            val.check_same_shape(arrays[0], a, f"{name}[0]", f"{name}[{i}]")
-        return jnp.stack(arrays)
-    return val.as_float_array(views, name, ndim=3)  # type: ignore[arg-type]
+    if where is None:
+        batch_mean = coll.global_mean(jnp.sum(x, axis=0), x.shape[0], axis_name)
+        return (m * center + (1 - m) * batch_mean.astype(center.dtype)).astype(center.dtype)
+    w = where.reshape(-1).astype(x.dtype)
+    stats = coll.psum(jnp.concatenate([w @ x, jnp.sum(w)[None]]), axis_name)
+    count = stats[-1]
+    batch_mean = stats[:-1] / jnp.maximum(count, 1.0)
+    updated = (m * center + (1 - m) * batch_mean.astype(center.dtype)).astype(center.dtype)
+    return jnp.where(count > 0, updated, center)
 
 
 def dino_loss(
@@ -160,8 +158,11 @@ def dino_loss(
     val.check_temperature(teacher_temp, "teacher_temp")
     val.check_temperature(student_temp, "student_temp")
     val.check_in_range(center_momentum, "center_momentum", 0.0, 1.0)
-    t = _stack_views(teacher_out, "teacher_out")
-    s = _stack_views(student_out, "student_out")
+    t = val.stack_views(teacher_out, "teacher_out")
+    s = val.stack_views(student_out, "student_out")
+    for name, views in (("teacher_out", t), ("student_out", s)):
+        if views.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one view, got an empty sequence")
     if t.shape[1:] != s.shape[1:]:
         raise ValueError(
             "teacher_out and student_out views must have the same (batch, K) shape, got "
@@ -283,14 +284,7 @@ def ibot_patch_loss(
     mf = m.astype(ce.dtype)
     per_image = jnp.sum(ce * mf, axis=1) / jnp.maximum(jnp.sum(mf, axis=1), 1.0)
     loss = coll.global_mean(jnp.sum(per_image), t.shape[0], axis_name)
-    tokens = lax.stop_gradient(upcast(t)[0]) * mf[..., None]
-    stats = coll.psum(jnp.concatenate([jnp.sum(tokens, axis=(0, 1)), jnp.sum(mf)[None]]),
-                      axis_name)
-    count = stats[-1]
-    mean = stats[:-1] / jnp.maximum(count, 1.0)
-    m_ = jnp.asarray(center_momentum)
-    updated = (m_ * center + (1 - m_) * mean.astype(center.dtype)).astype(center.dtype)
-    return loss, IBOTState(jnp.where(count > 0, updated, center))
+    return loss, IBOTState(update_center(center, t, center_momentum, axis_name, where=m))
 
 
 def ibot_plus_plus_patch_loss(

@@ -20,6 +20,7 @@ from sslloss_jax._types import ArrayLike
 
 __all__ = [
     "as_float_array",
+    "stack_views",
     "check_axis_name",
     "check_same_shape",
     "concrete_scalar",
@@ -61,6 +62,19 @@ def as_float_array(
     if 0 in arr.shape:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
     return arr
+
+
+def stack_views(views: object, name: str, *, ndim: int = 2) -> jax.Array:
+    """Views given as a sequence of rank-``ndim`` arrays (lightly) or one stacked array of
+    rank ``ndim + 1`` (nidl): validated (floating, same shapes) and stacked on axis 0.
+    An empty sequence gives an empty ``(0, 0, 0)`` array; callers decide if that is legal.
+    """
+    if isinstance(views, (list, tuple)):
+        arrays = [as_float_array(v, f"{name}[{i}]", ndim=ndim) for i, v in enumerate(views)]
+        for i, a in enumerate(arrays[1:], 1):
+            check_same_shape(arrays[0], a, f"{name}[0]", f"{name}[{i}]")
+        return jnp.stack(arrays) if arrays else jnp.zeros((0,) * (ndim + 1))
+    return as_float_array(views, name, ndim=ndim + 1)  # type: ignore[arg-type]
 
 
 def check_same_shape(a: jax.Array, b: jax.Array, name_a: str, name_b: str) -> None:

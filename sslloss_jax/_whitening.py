@@ -198,10 +198,7 @@ def _views(x, num_samples: int) -> list[jax.Array]:
             raise ValueError(
                 f"x is a sequence of {len(x)} views but num_samples={num_samples}"
             )
-        views = [val.as_float_array(v, f"x[{i}]", ndim=2) for i, v in enumerate(x)]
-        for i, v in enumerate(views[1:], 1):
-            val.check_same_shape(views[0], v, "x[0]", f"x[{i}]")
-        return views
+        return list(val.stack_views(x, "x"))
     arr = val.as_float_array(x, "x", ndim=2)
     if arr.shape[0] % num_samples:
         raise ValueError(
