@@ -190,3 +190,188 @@ def test_single_step_value_and_grads(case):
         np.testing.assert_allclose(loss, golden_array(case, "loss"), rtol=RTOL, atol=1e-12)
         expected = {n: golden_array(case, f"grad_{n}") for n in case["grads"]}
         assert_tree_close(grads, expected, rtol=RTOL, atol=scaled_atol(expected, RTOL))
+
+
+# ----------------------------------------------------------------------------- multi-step
+# The stateful families of the stateful issue, over recorded multi-step sequences: loss,
+# the gradients of the inputs that should get one, and the state after every step.
+
+
+def _steps(case, *names):
+    """``[{name: step-k array}]`` for k = 1..steps."""
+    return [{n: jnp.asarray(golden_array(case, f"step{k}_{n}")) for n in names}
+            for k in range(1, case["steps"] + 1)]
+
+
+def _views(step, prefix, count):
+    return [step[f"{prefix}{v}"] for v in range(count)]
+
+
+DINO = golden_cases("dino")
+
+
+@pytest.mark.parametrize("case", DINO, ids=[c["case"] for c in DINO])
+def test_dino_multistep(case):
+    """lightly through the warm-up epochs and past them (epochs 0, 1, 2, 5 with a 3-epoch
+    warm-up) and nidl with stacked ``(V, B, K)`` views and ``epoch=None``: loss, student
+    gradients, center after every step (the teacher gets no gradient)."""
+    kw = case["kwargs"]
+    vt, vs = case["n_teacher_views"], case["n_student_views"]
+    stacked = case.get("input_layout") == "stacked"
+    names = [f"teacher{v}" for v in range(vt)] + [f"student{u}" for u in range(vs)]
+    with jax.enable_x64(True):
+        state = S.DINOState(jnp.asarray(golden_array(case, "center0")))
+
+        def f(teacher, student, state, temp):
+            if stacked:
+                teacher, student = jnp.stack(teacher), jnp.stack(student)
+            return S.dino_loss(teacher, student, state, teacher_temp=temp,
+                               student_temp=kw["student_temp"],
+                               center_momentum=kw["center_momentum"])
+
+        step_fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+        for k, (epoch, step) in enumerate(zip(case["epochs"], _steps(
+                case, *names, "loss", "center", "teacher_temp",
+                *(f"grad_student{u}" for u in range(vs)))), start=1):
+            # The schedule reproduces lightly's float32 temperatures (to float32 round-off);
+            # the parity run uses the exact float32 value torch used.
+            schedule = S.dino_teacher_temperature(
+                None if epoch is None else jnp.float32(epoch),
+                warmup_teacher_temp=jnp.float32(kw["warmup_teacher_temp"]),
+                teacher_temp=jnp.float32(kw["teacher_temp"]),
+                warmup_teacher_temp_epochs=kw["warmup_teacher_temp_epochs"])
+            np.testing.assert_allclose(schedule, step["teacher_temp"], rtol=1e-6)
+            (loss, state), (g_t, g_s) = step_fn(
+                _views(step, "teacher", vt), _views(step, "student", vs), state,
+                step["teacher_temp"])
+            np.testing.assert_allclose(loss, step["loss"], rtol=RTOL, err_msg=f"step {k}")
+            expected = _views(step, "grad_student", vs)
+            assert_tree_close(g_s, expected, rtol=RTOL, atol=scaled_atol(expected, RTOL))
+            assert all(not np.any(g) for g in g_t)  # stop-gradient teacher
+            np.testing.assert_allclose(state.center, step["center"], rtol=RTOL, atol=1e-15)
+
+
+IBOT = golden_cases("ibot_patch", "ibot_plus_plus_patch")
+
+
+@pytest.mark.parametrize("case", IBOT, ids=[c["case"] for c in IBOT])
+def test_ibot_multistep(case):
+    """iBOT on fixed-shape tokens with a boolean mask equals lightly's gather of the masked
+    tokens (per-image normalization, center from the masked tokens); iBOT++ with and
+    without a mask and ``visible_loss_weight`` 1, 0, 0.5 (center from all tokens)."""
+    kw = {k: case["kwargs"][k] for k in ("teacher_temp", "student_temp", "center_momentum")}
+    plus = case["loss"] == "ibot_plus_plus_patch"
+    suffix = "" if plus else "_dense"
+    mask = None
+    if not plus or case["has_mask"]:
+        mask = jnp.asarray(golden_array(case, "mask")).astype(bool)
+    with jax.enable_x64(True):
+        state = S.IBOTState(jnp.asarray(golden_array(case, "center0")))
+        if plus:
+            f = lambda t, s, st: S.ibot_plus_plus_patch_loss(
+                t, s, st, mask, visible_loss_weight=case["kwargs"]["visible_loss_weight"], **kw)
+        else:
+            f = lambda t, s, st: S.ibot_patch_loss(t, s, mask, st, **kw)
+        step_fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+        for k, step in enumerate(_steps(case, f"teacher{suffix}", f"student{suffix}", "loss",
+                                        f"grad_student{suffix}", "center"), start=1):
+            (loss, state), (g_t, g_s) = step_fn(step[f"teacher{suffix}"],
+                                                step[f"student{suffix}"], state)
+            np.testing.assert_allclose(loss, step["loss"], rtol=RTOL, err_msg=f"step {k}")
+            expected = step[f"grad_student{suffix}"]
+            np.testing.assert_allclose(g_s, expected, rtol=RTOL,
+                                       atol=scaled_atol(expected, RTOL))
+            assert not np.any(g_t)
+            np.testing.assert_allclose(state.center, step["center"], rtol=RTOL, atol=1e-15)
+
+
+TICO = golden_cases("tico")
+
+
+@pytest.mark.parametrize("case", TICO, ids=[c["case"] for c in TICO])
+def test_tico_multistep(case):
+    """Three steps with and without the covariance update: loss, both gradients (lightly
+    does not detach z_b) and the covariance after every step."""
+    kw = case["kwargs"]
+    with jax.enable_x64(True):
+        state = S.TiCoState(jnp.asarray(golden_array(case, "covariance0")))
+        for k, (update, step) in enumerate(zip(kw["update_covariance_matrix"], _steps(
+                case, "z_a", "z_b", "loss", "grad_z_a", "grad_z_b", "covariance")), start=1):
+            f = lambda a, b, st, u=update: S.tico_loss(a, b, st, beta=kw["beta"], rho=kw["rho"],
+                                                       update_covariance_matrix=u)
+            (loss, state), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+                step["z_a"], step["z_b"], state)
+            np.testing.assert_allclose(loss, step["loss"], rtol=RTOL, err_msg=f"step {k}")
+            expected = (step["grad_z_a"], step["grad_z_b"])
+            assert_tree_close(grads, expected, rtol=RTOL, atol=scaled_atol(expected, RTOL))
+            np.testing.assert_allclose(state.covariance, step["covariance"], rtol=RTOL,
+                                       atol=1e-15)
+
+
+CO2_BANK = [c for c in golden_cases("co2") if c.get("steps")]
+
+
+@pytest.mark.parametrize("case", CO2_BANK, ids=[c["case"] for c in CO2_BANK])
+def test_co2_memory_bank_multistep(case):
+    """CO2 against a memory bank over three steps: lightly's (detached) value, the
+    gradients of a transcription of its formula (lightly has none), the bank after every
+    step; past lightly's overflow step the bank wraps around as the NT-Xent bank does."""
+    kw = case["kwargs"]
+    first_overflow = case.get("first_overflow_step") or case["steps"] + 1
+    with jax.enable_x64(True):
+        state = S.MemoryBankState(jnp.asarray(golden_array(case, "bank0")),
+                                  jnp.asarray(golden_array(case, "ptr0"), jnp.int32))
+        step_fn = jax.jit(jax.value_and_grad(
+            lambda a, b, s: S.co2_memory_bank_regularizer(a, b, s, **kw), argnums=(0, 1),
+            has_aux=True))
+        for k, step in enumerate(_steps(case, "out0", "out1", "loss", "lightly_loss",
+                                        "grad_out0", "grad_out1", "bank", "ptr"), start=1):
+            old = np.asarray(state.bank)
+            (loss, new_state), grads = step_fn(step["out0"], step["out1"], state)
+            np.testing.assert_allclose(loss, step["lightly_loss"], rtol=RTOL, atol=1e-13)
+            np.testing.assert_allclose(loss, step["loss"], rtol=RTOL, atol=1e-13)
+            expected = (step["grad_out0"], step["grad_out1"])
+            assert_tree_close(grads, expected, rtol=RTOL, atol=scaled_atol(expected, RTOL))
+            if k < first_overflow:
+                np.testing.assert_allclose(new_state.bank, step["bank"], rtol=RTOL, atol=1e-15)
+                assert int(new_state.ptr) == int(step["ptr"])
+            else:
+                z1 = np.asarray(step["out1"])
+                z1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+                bank, ptr = _reference_enqueue_wraparound(old, int(state.ptr), z1)
+                np.testing.assert_allclose(new_state.bank, bank, rtol=RTOL, atol=1e-15)
+                assert int(new_state.ptr) == ptr
+            state = new_state
+
+
+WMSE = golden_cases("wmse")
+
+
+@pytest.mark.parametrize("case", WMSE, ids=[c["case"] for c in WMSE])
+def test_wmse_train_then_eval(case):
+    """Two training steps then one evaluation step with lightly's recorded ``randperm``
+    draws: loss, input gradient, running mean and covariance after every step, and the
+    eval-mode whitening of the last input with the final running statistics."""
+    kw = case["kwargs"]
+    perm_names = [f"perm{i}" for i in range(kw["w_iter"])]
+    with jax.enable_x64(True):
+        state = S.WMSEState(jnp.asarray(golden_array(case, "running_mean0")),
+                            jnp.asarray(golden_array(case, "running_variance0")))
+        for k, (mode, step) in enumerate(zip(case["modes"], _steps(
+                case, "input", "loss", "grad_input", "running_mean", "running_variance",
+                *perm_names)), start=1):
+            perms = jnp.stack([step[n] for n in perm_names]).astype(jnp.int32)
+            f = lambda x, st, p=perms, train=(mode == "train"): S.wmse_loss(
+                x, st, permutations=p, train=train, **kw)
+            (loss, state), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(
+                step["input"], state)
+            np.testing.assert_allclose(loss, step["loss"], rtol=RTOL, err_msg=f"step {k}")
+            np.testing.assert_allclose(grad, step["grad_input"], rtol=RTOL,
+                                       atol=scaled_atol(step["grad_input"], RTOL))
+            np.testing.assert_allclose(state.mean, step["running_mean"], rtol=RTOL, atol=1e-15)
+            np.testing.assert_allclose(state.covariance, step["running_variance"], rtol=RTOL,
+                                       atol=1e-15)
+        whitened, _ = S.whiten(step["input"], state, momentum=kw["momentum"], eps=kw["eps"],
+                               train=False)
+        np.testing.assert_allclose(whitened, golden_array(case, "eval_whitened"), rtol=RTOL,
+                                   atol=1e-12)
