@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+import sslloss_jax as S
 from sslloss_jax._registry import markdown_table
-from tests._harness import assert_tree_close
+from tests._harness import assert_tree_close, make_mesh
 
 README = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
 
@@ -21,11 +23,16 @@ def _section(title):
     return README[start:end if end > 0 else None]
 
 
-def _recipes():
-    namespace = {}
-    for block in re.findall(r"```python\n(.*?)```", _section("Distributed training"), re.S):
+def _recipes(title="Distributed training", **namespace):
+    for block in re.findall(r"```python\n(.*?)```", _section(title), re.S):
         exec(compile(block, "README.md", "exec"), namespace)
     return namespace
+
+
+def _stateful_recipes(**names):
+    """The blocks of the stateful section, which rely on the imports of "A first loss"."""
+    return _recipes("Stateful losses: DINO schedule and the SwaV queue", jax=jax, jnp=jnp,
+                    ssl=S, **names)
 
 
 def test_readme_loss_table_matches_the_registry():
@@ -68,3 +75,69 @@ def test_recipe_matches_single_device_training(recipe):
     actual = run(ns[recipe], prepare)
     assert_tree_close(actual, reference, rtol=1e-5, atol=1e-6, err_msg=recipe)
     assert reference[2][0] != reference[2][-1]  # training moved
+
+
+def test_dino_schedule_recipe_never_retraces():
+    """The README's DINO step: a traced epoch drives the schedule, one compilation serves
+    every epoch, and the result is dino_loss at lightly's temperature for that epoch."""
+    ns = _stateful_recipes(teacher_fn=lambda p, c: c @ p, student_fn=lambda p, c: c @ p)
+    rng = np.random.default_rng(0)
+    params = jnp.asarray(rng.standard_normal((6, 16)), jnp.float32)
+    crops = [jnp.asarray(rng.standard_normal((4, 6)), jnp.float32) for _ in range(4)]
+    state = S.init_dino_state(16)
+    for epoch in (0.0, 7.5, 29.0, 40.0):
+        loss, new_state = ns["step"](params, state, crops, jnp.float32(epoch))
+        temp = S.dino_teacher_temperature(epoch, teacher_temp=0.07)
+        expected, expected_state = S.dino_loss([c @ params for c in crops[:2]],
+                                               [c @ params for c in crops], state,
+                                               teacher_temp=temp)
+        np.testing.assert_allclose(loss, expected, rtol=1e-6)
+        np.testing.assert_allclose(new_state.center, expected_state.center, rtol=1e-6,
+                                   atol=1e-7)
+        state = new_state
+    assert ns["step"]._cache_size() == 1
+
+
+def test_swav_queue_recipe_under_shard_map_equals_one_device():
+    """The README's SwaV step with a queue that fills, then switches on at ``start_step``
+    (a traced step, no retrace): under shard_map on every device, the loss, the prototype
+    gradients and the queue equal one device holding the global batch."""
+    ns = _stateful_recipes()
+    swav_step = ns["swav_step"]
+    n, batch, dim, k, size = jax.device_count(), 16, 8, 12, 32
+    rng = np.random.default_rng(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    prototypes = jnp.asarray(unit(rng.standard_normal((k, dim))), jnp.float32)
+    steps = [[jnp.asarray(unit(rng.standard_normal((batch, dim))), jnp.float32)
+              for _ in range(4)] for _ in range(4)]  # 2 high + 2 low crops per step
+
+    def make(axis_name):
+        def run(high, low, protos, queue, step):
+            (loss, queue), grad = jax.value_and_grad(
+                lambda p: swav_step(high, low, p, queue, step, start_step=2,
+                                    axis_name=axis_name), has_aux=True)(protos)
+            return loss, queue, grad
+        return run
+
+    single = jax.jit(make(None))
+    sharded = jax.jit(jax.shard_map(make("data"), mesh=make_mesh(n),
+                                    in_specs=(P("data"), P("data"), P(), P(), P()),
+                                    out_specs=(P(), P(), P())))
+    queues = [ns["ssl"].init_swav_queue(n_crops=2, size=size, dim=dim)] * 2
+    losses, compiled = [], []
+    for i, crops in enumerate(steps):
+        step = jnp.int32(i)
+        out = [fn(crops[:2], crops[2:], prototypes, q, step)
+               for fn, q in zip((single, sharded), queues, strict=True)]
+        assert_tree_close(out[1], out[0], rtol=1e-5, atol=1e-6, err_msg=f"step {i}")
+        queues = [o[1] for o in out]
+        losses.append(float(out[0][0]))
+        compiled.append((single._cache_size(), sharded._cache_size()))
+    assert int(queues[0].filled) == size
+    # the queue takes part from step 2 on: the loss differs from the queue-free one there
+    no_queue = S.swav_loss([c @ prototypes.T for c in steps[2][:2]],
+                           [c @ prototypes.T for c in steps[2][2:]])
+    assert abs(losses[2] - float(no_queue)) > 1e-4
+    # no compilation once the queue state has its steady sharding (after the first step;
+    # the replicated output differs from the freshly built queue's placement)
+    assert compiled[1:] == [compiled[1]] * 3
