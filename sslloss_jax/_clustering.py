@@ -30,12 +30,6 @@ __all__ = [
 ]
 
 
-def _global_count(valid: jax.Array | None, local: int, axis_name: AxisName) -> jax.Array:
-    if valid is None:
-        return jnp.asarray(float(local * coll.axis_size(axis_name)))
-    return coll.psum(jnp.sum(valid.astype(jnp.float32)), axis_name)
-
-
 def sinkhorn(
     scores: ArrayLike,
     *,
@@ -52,11 +46,15 @@ def sinkhorn(
     total over the (global) batch to its marginal and each sample's codes to sum to one;
     returns the codes, one distribution over prototypes per sample.
 
-    With ``stable=True`` (default) it runs in the log domain in >= float32: no overflow
-    for large scores, small ``epsilon`` or half-precision inputs. ``stable=False`` runs
-    lightly's unshifted algorithm (``exp(S/ε)`` normalized by its total, then the loop):
-    the same values in exact arithmetic, but ``exp`` overflows to inf/NaN once
-    ``S/ε`` exceeds ~88 in float32 (e.g. cosine scores with ε < 0.012).
+    With ``stable=True`` (default) it never overflows, in >= float32: when the (global)
+    range of ``S/ε`` fits the exponent range of the compute dtype (below 50 in float32,
+    e.g. cosine scores with ε >= 0.04), it runs lightly's multiplicative algorithm on
+    ``exp(S/ε − max)`` (one ``exp`` pass, then matrix-vector products); otherwise it runs
+    in the log domain (an ``exp`` pass per half-iteration). Both are the same function
+    in exact arithmetic. ``stable=False`` runs lightly's unshifted algorithm
+    (``exp(S/ε)`` normalized by its total, then the loop): ``exp`` overflows to inf/NaN
+    once ``S/ε`` exceeds ~88 in float32 (e.g. cosine scores with ε < 0.012), and small
+    codes underflow.
 
     Args:
       scores: ``[batch, K]`` sample-prototype scores (stop-gradient them for SwaV codes).
@@ -74,8 +72,7 @@ def sinkhorn(
       ``[batch, K]`` codes in the compute dtype; each valid row sums to 1.
     """
     val.check_axis_name(axis_name)
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    val.check_int(iterations, "iterations", 0)
     val.check_temperature(epsilon, "epsilon", positive=True)
     (s,) = upcast(val.as_float_array(scores, "scores", ndim=2))
     b, k = s.shape
@@ -91,43 +88,83 @@ def sinkhorn(
         mask = jnp.asarray(valid)
         if mask.shape != (b,) or mask.dtype != jnp.bool_:
             raise ValueError(f"valid must be a boolean [{b}] array, got {mask.dtype} {mask.shape}")
-    n = _global_count(mask, b, axis_name).astype(s.dtype)
-    cells = None if mask is None else jnp.broadcast_to(mask[:, None], s.shape)
-    if stable:
-        return _sinkhorn_log(s / epsilon, log_r, n, cells, iterations, axis_name)
-    return _sinkhorn_lightly(s / epsilon, log_r, n, cells, iterations, axis_name)
+    return _sinkhorn(s / epsilon, log_r, mask, iterations, stable, axis_name)
+
+
+# Largest global range of S/ε for which the shifted multiplicative Sinkhorn is used:
+# exp(−range) stays far from underflow and the scalings far from overflow.
+_SHIFTED_RANGE = {jnp.dtype(jnp.float32): 50.0, jnp.dtype(jnp.float64): 300.0}
+
+
+def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name):
+    """Sinkhorn of ``[..., batch, K]`` logits ``S/ε``, independently per leading index.
+
+    ``mask``: optional ``[..., batch]`` valid rows. One branch decision (a scalar, the
+    same on every device) covers all leading indices, so a stack of problems (SwaV's
+    crops) is not turned into a ``select`` of both branches.
+    """
+    log_r = log_r.reshape((1,) * (logits.ndim - 1) + log_r.shape)
+    n = (jnp.asarray(float(logits.shape[-2] * coll.axis_size(axis_name)), logits.dtype)
+         if mask is None else
+         coll.psum(jnp.sum(mask.astype(logits.dtype), axis=-1), axis_name)[..., None, None])
+    if not stable:
+        return _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name)
+    cells = None if mask is None else jnp.broadcast_to(mask[..., None], logits.shape)
+    top = jnp.max(logits if cells is None else jnp.where(cells, logits, -jnp.inf))
+    bottom = jnp.min(logits if cells is None else jnp.where(cells, logits, jnp.inf))
+    top, neg_bottom = coll.pmax(jnp.stack([top, -bottom]), axis_name)
+    fits = top + neg_bottom <= _SHIFTED_RANGE.get(jnp.dtype(logits.dtype), 50.0)
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    return lax.cond(
+        fits,
+        lambda x: _sinkhorn_scaling(x - shift, log_r, n, mask, iterations, axis_name),
+        lambda x: _sinkhorn_log(x, log_r, n, cells, iterations, axis_name),
+        logits)
 
 
 def _sinkhorn_log(logits, log_r, n, cells, iterations, axis_name):
     def total_lse(x):  # log of the global sum over valid cells
-        return coll.global_logsumexp(masked_logsumexp(x, cells, axis=(0, 1)), axis_name)
+        return coll.global_logsumexp(masked_logsumexp(x, cells, axis=(-2, -1)), axis_name)
 
     def one_round(_, x):
-        per_proto = coll.global_logsumexp(masked_logsumexp(x, cells, axis=0), axis_name)
-        x = x - per_proto[None, :] + log_r[None, :]
-        return x - masked_logsumexp(x, cells, axis=1)[:, None] - jnp.log(n)
+        per_proto = coll.global_logsumexp(masked_logsumexp(x, cells, axis=-2), axis_name)
+        x = x - per_proto[..., None, :] + log_r
+        return x - masked_logsumexp(x, cells, axis=-1)[..., None] - jnp.log(n)
 
-    x = logits - total_lse(logits)
+    x = logits - total_lse(logits)[..., None, None]
     x = lax.fori_loop(0, iterations, one_round, x)
     q = jnp.exp(x + jnp.log(n))
     return q if cells is None else jnp.where(cells, q, 0.0)
 
 
-def _sinkhorn_lightly(logits, log_r, n, cells, iterations, axis_name):
-    """lightly's ``sinkhorn``: exp without a shift, then the same normalizations."""
-    q = jnp.exp(logits)
-    if cells is not None:
-        q = jnp.where(cells, q, 0.0)
-    q = q / coll.psum(jnp.sum(q), axis_name)
-    r = jnp.exp(log_r)[None, :]
+def _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name):
+    """lightly's multiplicative algorithm, ``Q = exp(L) / ΣQ``, then per round
+    ``Q ← Q / colsum(Q) · r``, ``Q ← Q / rowsum(Q) / n``, and finally ``n·Q``, carried
+    as row and column scalings of ``exp(L)``, ``Q = diag(u)·exp(L)·diag(v)``: one
+    ``exp`` pass and two matrix-vector products per round."""
+    e = jnp.exp(logits)
+    if mask is not None:
+        e = jnp.where(mask[..., None], e, 0.0)
+    if iterations == 0:
+        return e * (n / coll.psum(jnp.sum(e, axis=(-2, -1), keepdims=True), axis_name))
+    # Column targets r·n/K (total n, as the rows' total) keep u and v bounded over any
+    # number of rounds; their overall scale, the first 1/ΣQ and every 1/n cancel in the
+    # row step, so the codes are lightly's.
+    k = e.shape[-1]
+    total = n if n.ndim == 0 else n[..., 0]
+    r = jnp.broadcast_to(jnp.exp(log_r[..., 0, :]), e.shape[:-2] + (k,)) * (total / k)
+    u = jnp.ones_like(e[..., 0])
 
-    def one_round(_, q):
-        q = q / coll.psum(jnp.sum(q, axis=0, keepdims=True), axis_name) * r
-        col = jnp.sum(q, axis=1, keepdims=True)
-        q = q / (col if cells is None else jnp.where(cells[:, :1], col, 1.0))
-        return q / n
+    def one_round(_, uv):
+        u, _ = uv
+        v = r / coll.psum(jnp.einsum("...b,...bk->...k", u, e), axis_name)
+        row = jnp.einsum("...bk,...k->...b", e, v)
+        if mask is not None:
+            row = jnp.where(mask, row, 1.0)
+        return 1.0 / row, v
 
-    return lax.fori_loop(0, iterations, one_round, q) * n
+    u, v = lax.fori_loop(0, iterations, one_round, (u, jnp.zeros_like(r)))
+    return e * u[..., None] * v[..., None, :]
 
 
 class SwaVQueueState(NamedTuple):
@@ -254,9 +291,11 @@ def swav_loss(
             if qv.ndim == 1:
                 qv = lax.dynamic_slice_in_dim(qv, coll.axis_index(axis_name) * qs, qs)
             valid = valid.at[b:].set(jnp.broadcast_to(qv, (qs,)))
-    codes = jax.vmap(lambda s: sinkhorn(
-        s, iterations=sinkhorn_iterations, epsilon=sinkhorn_epsilon, valid=valid,
-        stable=stable_sinkhorn, axis_name=axis_name))(codes_in)[:, :b]  # (V_h, B, K)
+    val.check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon", positive=True)
+    val.check_int(sinkhorn_iterations, "sinkhorn_iterations", 0)
+    codes = _sinkhorn(codes_in / sinkhorn_epsilon, jnp.zeros((k,), codes_in.dtype),
+                      None if valid is None else jnp.broadcast_to(valid, codes_in.shape[:2]),
+                      sinkhorn_iterations, stable_sinkhorn, axis_name)[:, :b]  # (V_h, B, K)
     logp = jax.nn.log_softmax(crops32 / temperature, axis=-1)  # (V, B, K)
     cross = -jnp.einsum("ibk,vbk->iv", codes, logp)  # summed over the local batch
     cross = jnp.where(jnp.eye(vh, n_crops, dtype=bool), 0.0, cross)
@@ -271,8 +310,7 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
     val.check_temperature(temperature, positive=True)
     val.check_temperature(target_sharpen_temperature, "target_sharpen_temperature",
                           positive=True)
-    if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 0:
-        raise ValueError(f"sinkhorn_iterations must be >= 0 but is {sinkhorn_iterations!r}")
+    val.check_int(sinkhorn_iterations, "sinkhorn_iterations", 0)
     if isinstance(anchors, (list, tuple)):  # a sequence of [batch, D] views
         views = val.stack_views(anchors, "anchors")
         shown = f"anchors[0] {views.shape[1:]}"
@@ -491,8 +529,7 @@ def capi_loss(
     val.check_axis_name(axis_name)
     val.check_temperature(teacher_temperature, "teacher_temperature")
     val.check_temperature(student_temperature, "student_temperature")
-    if not isinstance(sinkhorn_iterations, int) or sinkhorn_iterations < 0:
-        raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations!r}")
+    val.check_int(sinkhorn_iterations, "sinkhorn_iterations", 0)
     t = val.as_float_array(teacher_logits, "teacher_logits", ndim=3)
     s = val.as_float_array(student_logits, "student_logits", ndim=3)
     if t.shape[0] != s.shape[0] or t.shape[2] != s.shape[2]:

@@ -109,6 +109,13 @@ def concrete_scalar(value: object) -> float | None:
         return None
 
 
+def check_int(value: object, name: str, minimum: int) -> int:
+    """A static Python (or NumPy) integer >= ``minimum``, not a bool; returns it as ``int``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_scalar_param(value: ArrayLike, name: str) -> jax.Array:
     """Checks that a hyperparameter is a scalar (Python number or 0-d array).
 

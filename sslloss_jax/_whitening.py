@@ -71,10 +71,7 @@ def _check_state(state: WMSEState, dim: int, name: str = "state") -> None:
             raise TypeError(f"{name}.{field} must be floating, got {dt}")
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+_check_int = val.check_int
 
 
 def _scalar(value: ArrayLike, dtype) -> jax.Array:

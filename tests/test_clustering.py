@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import sslloss_jax as S
+from sslloss_jax import _clustering as C
 
 
 def _r(seed, shape, dtype=np.float64):
@@ -54,6 +55,30 @@ def test_sinkhorn_matches_lightly_algorithm(iterations):
             np.testing.assert_allclose(
                 S.sinkhorn(x, iterations=iterations, stable=stable),
                 _numpy_sinkhorn(x, iterations), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0], ids=["scaling_path", "log_domain_path"])
+def test_sinkhorn_float32_paths_match_float64_reference(scale):
+    """float32: a small score range takes the shifted multiplicative path, a range beyond
+    float32's exponent takes the log domain; both equal lightly's algorithm in float64."""
+    x = _r(5, (3, 9, 6)) * scale * 0.05  # S/ε spans ~6 or ~120
+    stacked = C._sinkhorn(jnp.asarray(x / 0.05, jnp.float32), jnp.zeros((6,), jnp.float32),
+                          None, 3, True, None)
+    for i in range(3):
+        expected = _numpy_sinkhorn(x[i])
+        np.testing.assert_allclose(S.sinkhorn(x[i].astype(np.float32)), expected, rtol=2e-4,
+                                   atol=1e-6)
+        np.testing.assert_allclose(stacked[i], expected, rtol=2e-4, atol=1e-6)
+
+
+def test_sinkhorn_paths_agree_and_stay_bounded_over_many_rounds():
+    logits = jnp.asarray(_r(6, (10, 4)) * 3, jnp.float32)
+    log_r = jnp.log(jnp.asarray([[1.0, 2.0, 3.0, 6.0]]) / 3.0)
+    for rounds in (1, 7, 400):  # the scalings must not drift to inf/0 over many rounds
+        a = C._sinkhorn_scaling(logits - jnp.max(logits), log_r, jnp.float32(10), None, rounds,
+                                None)
+        b = C._sinkhorn_log(logits, log_r, jnp.float32(10), None, rounds, None)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_sinkhorn_marginals_and_valid_rows():
@@ -180,7 +205,7 @@ def test_msn_errors():
         S.msn_loss(a[:10], t, p)
     with pytest.raises(ValueError, match="temperature must be positive"):
         S.msn_loss(a, t, p, temperature=-0.1)
-    with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 0"):
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be an int >= 0"):
         S.msn_loss(a, t, p, sinkhorn_iterations=-1)
     with pytest.raises(TypeError, match="target_distribution must be callable"):
         S.pmsn_custom_loss(a, t, p, target_distribution=None)
