@@ -13,7 +13,13 @@ from jax import lax
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, init_memory_bank, memory_bank_enqueue
-from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
+from sslloss_jax._numerics import (
+    l2_normalize,
+    masked_logsumexp,
+    other_views_sum,
+    soft_cross_entropy,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -96,33 +102,45 @@ def sinkhorn(
 _SHIFTED_RANGE = {jnp.dtype(jnp.float32): 50.0, jnp.dtype(jnp.float64): 300.0}
 
 
-def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name):
+def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None):
     """Sinkhorn of ``[..., batch, K]`` logits ``S/ε``, independently per leading index.
 
     ``mask``: optional ``[..., batch]`` valid rows. One branch decision (a scalar, the
     same on every device) covers all leading indices, so a stack of problems (SwaV's
-    crops) is not turned into a ``select`` of both branches.
+    crops) is not turned into a ``select`` of both branches. ``rows``: return only the
+    codes of the first ``rows`` rows (SwaV drops its queue's), which spares writing the
+    others.
     """
     log_r = log_r.reshape((1,) * (logits.ndim - 1) + log_r.shape)
     n = (jnp.asarray(float(logits.shape[-2] * coll.axis_size(axis_name)), logits.dtype)
          if mask is None else
          coll.psum(jnp.sum(mask.astype(logits.dtype), axis=-1), axis_name)[..., None, None])
+    rows = logits.shape[-2] if rows is None else rows
     if not stable:
-        return _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name)
+        return _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name, rows)
     cells = None if mask is None else jnp.broadcast_to(mask[..., None], logits.shape)
-    top = jnp.max(logits if cells is None else jnp.where(cells, logits, -jnp.inf))
-    bottom = jnp.min(logits if cells is None else jnp.where(cells, logits, jnp.inf))
-    top, neg_bottom = coll.pmax(jnp.stack([top, -bottom]), axis_name)
-    fits = top + neg_bottom <= _SHIFTED_RANGE.get(jnp.dtype(logits.dtype), 50.0)
+    top, bottom = _global_range(logits, cells, axis_name)
+    fits = top - bottom <= _SHIFTED_RANGE.get(jnp.dtype(logits.dtype), 50.0)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     return lax.cond(
         fits,
-        lambda x: _sinkhorn_scaling(x - shift, log_r, n, mask, iterations, axis_name),
-        lambda x: _sinkhorn_log(x, log_r, n, cells, iterations, axis_name),
+        lambda x: _sinkhorn_scaling(x - shift, log_r, n, mask, iterations, axis_name, rows),
+        lambda x: _sinkhorn_log(x, log_r, n, cells, iterations, axis_name, rows),
         logits)
 
 
-def _sinkhorn_log(logits, log_r, n, cells, iterations, axis_name):
+def _global_range(x: jax.Array, where: jax.Array | None, axis_name: AxisName):
+    """(max, min) of ``x`` over the ``where`` cells of every device, in one pass."""
+    lo, hi = jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.inf, x.dtype)
+    operands = (x, x) if where is None else (jnp.where(where, x, lo), jnp.where(where, x, hi))
+    top, bottom = lax.reduce(operands, (lo, hi),
+                             lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+                             tuple(range(x.ndim)))
+    top, neg_bottom = coll.pmax(jnp.stack([top, -bottom]), axis_name)
+    return top, -neg_bottom
+
+
+def _sinkhorn_log(logits, log_r, n, cells, iterations, axis_name, rows):
     def total_lse(x):  # log of the global sum over valid cells
         return coll.global_logsumexp(masked_logsumexp(x, cells, axis=(-2, -1)), axis_name)
 
@@ -133,26 +151,27 @@ def _sinkhorn_log(logits, log_r, n, cells, iterations, axis_name):
 
     x = logits - total_lse(logits)[..., None, None]
     x = lax.fori_loop(0, iterations, one_round, x)
-    q = jnp.exp(x + jnp.log(n))
-    return q if cells is None else jnp.where(cells, q, 0.0)
+    q = jnp.exp(x[..., :rows, :] + jnp.log(n))
+    return q if cells is None else jnp.where(cells[..., :rows, :], q, 0.0)
 
 
-def _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name):
+def _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name, rows):
     """lightly's multiplicative algorithm, ``Q = exp(L) / ΣQ``, then per round
     ``Q ← Q / colsum(Q) · r``, ``Q ← Q / rowsum(Q) / n``, and finally ``n·Q``, carried
-    as row and column scalings of ``exp(L)``, ``Q = diag(u)·exp(L)·diag(v)``: one
+    as row and column scalings of ``exp(L)``, ``n·Q = diag(u)·exp(L)·diag(v)``: one
     ``exp`` pass and two matrix-vector products per round."""
     e = jnp.exp(logits)
     if mask is not None:
         e = jnp.where(mask[..., None], e, 0.0)
     if iterations == 0:
-        return e * (n / coll.psum(jnp.sum(e, axis=(-2, -1), keepdims=True), axis_name))
+        total = coll.psum(jnp.sum(e, axis=(-2, -1), keepdims=True), axis_name)
+        return e[..., :rows, :] * (n / total)
     # Column targets r·n/K (total n, as the rows' total) keep u and v bounded over any
     # number of rounds; their overall scale, the first 1/ΣQ and every 1/n cancel in the
     # row step, so the codes are lightly's.
     k = e.shape[-1]
-    total = n if n.ndim == 0 else n[..., 0]
-    r = jnp.broadcast_to(jnp.exp(log_r[..., 0, :]), e.shape[:-2] + (k,)) * (total / k)
+    count = n if n.ndim == 0 else n[..., 0]
+    r = jnp.broadcast_to(jnp.exp(log_r[..., 0, :]), e.shape[:-2] + (k,)) * (count / k)
     u = jnp.ones_like(e[..., 0])
 
     def one_round(_, uv):
@@ -164,7 +183,7 @@ def _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name):
         return 1.0 / row, v
 
     u, v = lax.fori_loop(0, iterations, one_round, (u, jnp.zeros_like(r)))
-    return e * u[..., None] * v[..., None, :]
+    return e[..., :rows, :] * u[..., :rows, None] * v[..., None, :]
 
 
 class SwaVQueueState(NamedTuple):
@@ -295,10 +314,8 @@ def swav_loss(
     val.check_int(sinkhorn_iterations, "sinkhorn_iterations", 0)
     codes = _sinkhorn(codes_in / sinkhorn_epsilon, jnp.zeros((k,), codes_in.dtype),
                       None if valid is None else jnp.broadcast_to(valid, codes_in.shape[:2]),
-                      sinkhorn_iterations, stable_sinkhorn, axis_name)[:, :b]  # (V_h, B, K)
-    logp = jax.nn.log_softmax(crops32 / temperature, axis=-1)  # (V, B, K)
-    cross = -jnp.einsum("ibk,vbk->iv", codes, logp)  # summed over the local batch
-    cross = jnp.where(jnp.eye(vh, n_crops, dtype=bool), 0.0, cross)
+                      sinkhorn_iterations, stable_sinkhorn, axis_name, rows=b)  # (V_h, B, K)
+    cross = soft_cross_entropy(crops32 / temperature, other_views_sum(codes, n_crops))  # (V, B)
     return coll.global_mean(jnp.sum(cross), b * (n_crops - 1) * vh, axis_name)
 
 

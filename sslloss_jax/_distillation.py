@@ -13,7 +13,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import upcast
+from sslloss_jax._numerics import other_views_sum, soft_cross_entropy, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -184,9 +184,7 @@ def dino_loss(
         )
     t32, s32, center = upcast(t, s, jnp.asarray(state.center))
     t_probs = jax.nn.softmax(lax.stop_gradient(t32 - center[None, None]) / teacher_temp, axis=-1)
-    s_logp = jax.nn.log_softmax(s32 / student_temp, axis=-1)
-    cross = -jnp.einsum("tbk,sbk->ts", t_probs, s_logp)  # summed over the local batch
-    cross = jnp.where(jnp.eye(vt, vs, dtype=bool), 0.0, cross)
+    cross = soft_cross_entropy(s32 / student_temp, other_views_sum(t_probs, vs))  # (Vs, B)
     loss = coll.global_mean(jnp.sum(cross), n_terms * t.shape[1], axis_name)
     new_center = update_center(jnp.asarray(state.center), t, center_momentum, axis_name)
     return loss, DINOState(new_center)
@@ -230,7 +228,7 @@ def _patch_cross_entropy(t, s, center, teacher_temp, student_temp):
     """Per-token CE between the centered, sharpened (stop-gradient) teacher and the student."""
     t32, s32, c = upcast(t, s, center)
     probs = jax.nn.softmax(lax.stop_gradient(t32 - c[None, None]) / teacher_temp, axis=-1)
-    return -jnp.sum(probs * jax.nn.log_softmax(s32 / student_temp, axis=-1), axis=-1)
+    return soft_cross_entropy(s32 / student_temp, probs)
 
 
 def _check_patch_hyper(teacher_temp, student_temp, center_momentum, axis_name):

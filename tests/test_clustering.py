@@ -76,8 +76,8 @@ def test_sinkhorn_paths_agree_and_stay_bounded_over_many_rounds():
     log_r = jnp.log(jnp.asarray([[1.0, 2.0, 3.0, 6.0]]) / 3.0)
     for rounds in (1, 7, 400):  # the scalings must not drift to inf/0 over many rounds
         a = C._sinkhorn_scaling(logits - jnp.max(logits), log_r, jnp.float32(10), None, rounds,
-                                None)
-        b = C._sinkhorn_log(logits, log_r, jnp.float32(10), None, rounds, None)
+                                None, 10)
+        b = C._sinkhorn_log(logits, log_r, jnp.float32(10), None, rounds, None, 10)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
