@@ -39,6 +39,7 @@ class Loss:
     ours: str  # function name in sslloss_jax
     lightly: str  # class name in lightly.loss (dotted for submodules)
     kwargs: dict  # hyperparameters, identical on both sides
+    kind: str = "pair"  # how inputs are built and passed: see make_inputs / build_*
 
 
 LOSSES = {
@@ -50,6 +51,13 @@ LOSSES = {
     "negcos": Loss("negative_cosine_similarity", "NegativeCosineSimilarity", {}),
     "hypersphere": Loss("hypersphere_loss", "hypersphere_loss.HypersphereLoss", {}),
     "ntxent_bank": Loss("ntxent_memory_bank_loss", "NTXentLoss", {"temperature": 0.5}),
+    "tico": Loss("tico_loss", "TiCoLoss", {"beta": 0.9, "rho": 8.0}, kind="tico"),
+    "dino": Loss("dino_loss", "DINOLoss", {"teacher_temp": 0.04, "student_temp": 0.1,
+                                           "center_momentum": 0.9}, kind="dino"),
+    "swav": Loss("swav_loss", "SwaVLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
+                                           "sinkhorn_epsilon": 0.05}, kind="swav"),
+    "msn": Loss("msn_loss", "MSNLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
+                                        "regularization_weight": 1.0}, kind="msn"),
 }
 
 
@@ -58,11 +66,21 @@ class Row:
     loss: str
     batch: int
     dim: int
-    bank: int = 0
+    bank: int = 0  # memory bank (NT-Xent) or queue (SwaV) rows
+    k: int = 0  # prototypes (SwaV, MSN); DINO's K is ``dim``
+    # DINO/SwaV: (global/high, local/low) crops; MSN: (1, anchor views - 1)
+    crops: tuple[int, int] = (0, 0)
 
     @property
     def name(self) -> str:
-        return f"{self.loss} b{self.batch} d{self.dim}" + (f" bank{self.bank}" if self.bank else "")
+        name = f"{self.loss} b{self.batch} d{self.dim}"
+        if self.k:
+            name += f" k{self.k}"
+        if any(self.crops):
+            name += f" {self.crops[0]}+{self.crops[1]}"
+        if self.bank:
+            name += f" {'queue' if self.loss == 'swav' else 'bank'}{self.bank}"
+        return name
 
 
 ROWS = [
@@ -79,6 +97,12 @@ ROWS = [
     Row("negcos", 256, 2048),
     Row("hypersphere", 256, 128),
     Row("ntxent_bank", 256, 128, 4096),
+    Row("dino", 64, 65536, crops=(2, 6)),
+    Row("swav", 256, 128, k=3000, crops=(2, 6)),
+    Row("swav", 256, 128, 3840, k=3000, crops=(2, 6)),
+    Row("tico", 256, 256),
+    Row("tico", 256, 2048),
+    Row("msn", 64, 256, k=1024, crops=(1, 10)),
 ]
 
 # Targets on ours/lightly time ratios (lower is better).
@@ -88,7 +112,8 @@ BUSY_WARNING = 0.1  # CPU fraction used by other processes that makes timings un
 
 
 def quick_rows(rows: list[Row]) -> list[Row]:
-    small = (Row(r.loss, min(r.batch, 32), min(r.dim, 64), min(r.bank, 128)) for r in rows)
+    small = (Row(r.loss, min(r.batch, 32), min(r.dim, 64), min(r.bank, 128), min(r.k, 64),
+                 r.crops) for r in rows)
     return list(dict.fromkeys(small))
 
 
@@ -96,13 +121,43 @@ def quick_rows(rows: list[Row]) -> list[Row]:
 # Worker side: one process, one side, one row.
 
 
-def make_inputs(row: Row):
+def _unit(x):
+    import numpy as np
+
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_inputs(row: Row) -> dict:
+    """The row's float32 inputs, by name; the same arrays feed both sides.
+
+    ``pair``: two correlated views ``x0, x1`` (B, D). ``dino``: ``teacher`` (Vg, B, K) and
+    ``student`` (Vg + Vl, B, K) logits. ``swav``: ``crops`` (Vh + Vl, B, K) scores of
+    normalized features against normalized prototypes (cosines, as SwaV's), and
+    ``queue`` (Vh, Q, K) when the row has a queue. ``msn``: view-major ``anchors``
+    (V·B, D), ``targets`` (B, D), ``prototypes`` (K, D).
+    """
     import numpy as np
 
     rng = np.random.default_rng(0)
-    x0 = rng.standard_normal((row.batch, row.dim), dtype=np.float32)
-    x1 = x0 + 0.5 * rng.standard_normal((row.batch, row.dim), dtype=np.float32)
-    return x0, x1
+    kind = LOSSES[row.loss].kind
+    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+    if kind in ("pair", "tico"):
+        x0 = normal(row.batch, row.dim)
+        return {"x0": x0, "x1": x0 + np.float32(0.5) * normal(row.batch, row.dim)}
+    vg, vl = row.crops
+    if kind == "dino":
+        return {"teacher": normal(vg, row.batch, row.dim),
+                "student": normal(vg + vl, row.batch, row.dim)}
+    if kind == "swav":
+        protos = _unit(normal(row.k, row.dim))
+        out = {"crops": _unit(normal(vg + vl, row.batch, row.dim)) @ protos.T}
+        if row.bank:
+            out["queue"] = _unit(normal(vg, row.bank, row.dim)) @ protos.T
+        return out
+    if kind == "msn":
+        return {"anchors": normal((vg + vl) * row.batch, row.dim),
+                "targets": normal(row.batch, row.dim), "prototypes": normal(row.k, row.dim)}
+    raise ValueError(kind)
 
 
 def import_ours(threads: int) -> dict:
@@ -117,18 +172,45 @@ def import_ours(threads: int) -> dict:
             "sslloss_jax": sslloss_jax.__version__, "backend": jax.default_backend()}
 
 
-def build_ours(row: Row, x0, x1) -> tuple[Callable[[], object], dict]:
+def ours_step(row: Row, arrays: dict):
+    """``(fn, diff, rest, has_aux)``: the loss as ``fn(*diff, *rest)``, differentiated in
+    ``diff``. Teachers, targets and queues get no gradient (they need none)."""
     import functools
 
     import jax
+    import jax.numpy as jnp
 
-    import sslloss_jax
+    import sslloss_jax as S
 
-    fn = functools.partial(getattr(sslloss_jax, LOSSES[row.loss].ours), **LOSSES[row.loss].kwargs)
-    args = [jax.device_put(x0), jax.device_put(x1)]
-    if row.bank:
-        args.append(sslloss_jax.init_memory_bank(jax.random.key(0), row.bank, row.dim))
-    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=bool(row.bank)))
+    spec = LOSSES[row.loss]
+    fn = functools.partial(getattr(S, spec.ours), **spec.kwargs)
+    a = {k: jnp.asarray(v) for k, v in arrays.items()}
+    if spec.kind == "pair":
+        rest = (S.init_memory_bank(jax.random.key(0), row.bank, row.dim),) if row.bank else ()
+        return fn, (a["x0"], a["x1"]), rest, bool(row.bank)
+    if spec.kind == "tico":
+        return fn, (a["x0"], a["x1"]), (S.init_tico_state(row.dim),), True
+    if spec.kind == "dino":
+        loss = lambda student, teacher, state: fn(teacher, student, state)
+        return loss, (a["student"],), (a["teacher"], S.init_dino_state(row.dim)), True
+    if spec.kind == "swav":
+        vh = row.crops[0]
+        if row.bank:
+            loss = lambda crops, queue: fn(crops[:vh], crops[vh:], queue)
+            return loss, (a["crops"],), (a["queue"],), False
+        return lambda crops: fn(crops[:vh], crops[vh:]), (a["crops"],), (), False
+    if spec.kind == "msn":
+        loss = lambda anchors, prototypes, targets: fn(anchors, targets, prototypes)
+        return loss, (a["anchors"], a["prototypes"]), (a["targets"],), False
+    raise ValueError(spec.kind)
+
+
+def build_ours(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
+    import jax
+
+    fn, diff, rest, has_aux = ours_step(row, arrays)
+    args = (*diff, *rest)
+    step = jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(diff))), has_aux=has_aux))
     jax.block_until_ready(args)
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
@@ -157,23 +239,47 @@ def import_lightly(threads: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def build_lightly(row: Row, x0, x1) -> tuple[Callable[[], object], dict]:
+def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
+    """lightly's module called as its users do; ``.backward()`` into the inputs that get a
+    gradient on our side. Stateful modules (DINO's center, TiCo's C) update on every call,
+    as ours return their new state."""
     import operator
 
     import lightly.loss
     import torch
 
     torch.manual_seed(0)
-    kwargs = dict(LOSSES[row.loss].kwargs)
-    if row.bank:
+    spec = LOSSES[row.loss]
+    kwargs = dict(spec.kwargs)
+    if row.bank and spec.kind == "pair":
         kwargs["memory_bank_size"] = (row.bank, row.dim)
-    criterion = operator.attrgetter(LOSSES[row.loss].lightly)(lightly.loss)(**kwargs)
-    a = torch.from_numpy(x0.copy()).requires_grad_(True)
-    b = torch.from_numpy(x1.copy()).requires_grad_(True)
+    if spec.kind == "dino":
+        kwargs = {"output_dim": row.dim, "warmup_teacher_temp": kwargs["teacher_temp"], **kwargs}
+    criterion = operator.attrgetter(spec.lightly)(lightly.loss)(**kwargs)
+    t = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    vg = row.crops[0]
+    if spec.kind in ("pair", "tico"):
+        leaves = [t["x0"], t["x1"]]
+        call = lambda: criterion(t["x0"], t["x1"])
+    elif spec.kind == "dino":
+        leaves = [t["student"]]
+        call = lambda: criterion(list(t["teacher"]), list(t["student"]), epoch=0)
+    elif spec.kind == "swav":
+        leaves = [t["crops"]]
+        queue = list(t["queue"]) if "queue" in t else None
+        call = lambda: criterion(list(t["crops"][:vg]), list(t["crops"][vg:]), queue)
+    elif spec.kind == "msn":
+        leaves = [t["anchors"], t["prototypes"]]
+        call = lambda: criterion(t["anchors"], t["targets"], t["prototypes"])
+    else:
+        raise ValueError(spec.kind)
+    for leaf in leaves:
+        leaf.requires_grad_(True)
 
     def step():
-        a.grad = b.grad = None  # as optimizer.zero_grad(set_to_none=True)
-        criterion(a, b).backward()
+        for leaf in leaves:  # as optimizer.zero_grad(set_to_none=True)
+            leaf.grad = None
+        call().sum().backward()  # SwaV returns shape (1,)
 
     return step, {}
 
@@ -225,9 +331,9 @@ def worker(side: str, config: dict) -> None:
         send({"error": f"{type(err).__name__}: {err}", "stage": "import"})
         return
     try:
-        row = Row(**config["row"])
-        x0, x1 = make_inputs(row)
-        (step, extra), setup_mib = peak_mib_of(lambda: build(row, x0, x1))
+        row = Row(**{**config["row"], "crops": tuple(config["row"]["crops"])})
+        arrays = make_inputs(row)
+        (step, extra), setup_mib = peak_mib_of(lambda: build(row, arrays))
         _, peak_mib = peak_mib_of(step)  # first call after compilation, fresh process
         once = time_calls(step, 1)  # second call: warm-up, sizes the repetitions
         info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib}
