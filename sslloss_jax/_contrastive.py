@@ -1,9 +1,11 @@
-"""Two-view contrastive losses: NT-Xent (SimCLR), NT-Xent with a memory bank (MoCo), DCL/DCLW."""
+"""Contrastive losses: NT-Xent (SimCLR), NT-Xent with a memory bank (MoCo), DCL/DCLW, CO2,
+SupCon (multi-positive SimCLR) and MoCo v3."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ from jax import lax
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, check_memory_bank, memory_bank_enqueue
-from sslloss_jax._numerics import l2_normalize, masked_logsumexp
+from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -23,6 +25,16 @@ __all__ = [
     "dcl_loss",
     "dclw_loss",
     "negative_mises_fisher_weights",
+    "directclr_loss",
+    "directclr_memory_bank_loss",
+    "macl_loss",
+    "supcon_loss",
+    "mocov3_loss",
+    "FoviSimCLRTerms",
+    "fovi_simclr_terms",
+    "fovi_simclr_loss",
+    "nnclr_loss",
+    "ressl_loss",
 ]
 
 
@@ -346,6 +358,157 @@ def dclw_loss(
     )
 
 
+def _check_loss_dim(loss_dim: object) -> int:
+    if not isinstance(loss_dim, int) or isinstance(loss_dim, bool) or loss_dim < 1:
+        raise ValueError(f"loss_dim must be a positive int, got {loss_dim!r}")
+    return loss_dim
+
+
+def _truncated_pair(out0: ArrayLike, out1: ArrayLike, loss_dim: int):
+    """DirectCLR's inputs: flattened to (B, ·) and cut to the first ``loss_dim`` features
+    (all of them if there are fewer, as torch slicing)."""
+    _check_loss_dim(loss_dim)
+    x0 = val.as_float_array(out0, "out0", min_ndim=2)
+    x1 = val.as_float_array(out1, "out1", min_ndim=2)
+    val.check_same_shape(x0, x1, "out0", "out1")
+    return tuple(x.reshape(x.shape[0], -1)[:, :loss_dim] for x in (x0, x1))
+
+
+def directclr_loss(
+    out0: ArrayLike,
+    out1: ArrayLike,
+    *,
+    loss_dim: int = 64,
+    temperature: ArrayLike = 0.5,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""DirectCLR: NT-Xent on the first ``loss_dim`` features of the representation.
+
+    .. math:: L = \mathrm{NTXent}_\tau\big(\mathrm{flat}(x_0)_{[:, :d_0]},\,
+              \mathrm{flat}(x_1)_{[:, :d_0]}\big)
+
+    Each input is flattened to ``[batch, features]`` and truncated to its first
+    ``loss_dim`` = :math:`d_0` features (all of them if there are fewer), **then**
+    L2-normalized inside :func:`ntxent_loss` (applied to the backbone output, without a
+    projection head).
+
+    Args:
+      out0, out1: ``[batch, ...]`` representations of the two views (same shape).
+      loss_dim: static number of leading features the loss sees (lightly's default 64).
+      temperature: τ (default 0.5 as lightly; may be negative or traced; ``|τ| < 1e-8``
+        rejected).
+      axis_name: optional axis, as in :func:`ntxent_loss` (negatives from the global
+        batch, global mean).
+
+    Returns:
+      Scalar loss (>= float32). :func:`directclr_memory_bank_loss` is the variant with a
+      memory bank (lightly's ``memory_bank_size > 0``).
+
+    Differences from lightly ``DirectCLRLoss``: as :func:`ntxent_loss`; ``out0`` and
+    ``out1`` must have the same shape (lightly only needs the truncated shapes to agree).
+
+    References:
+      Jing et al., `Understanding Dimensional Collapse in Contrastive Self-supervised
+      Learning <https://arxiv.org/abs/2110.09348>`_, 2022.
+    """
+    z0, z1 = _truncated_pair(out0, out1, loss_dim)
+    return ntxent_loss(z0, z1, temperature=temperature, axis_name=axis_name)
+
+
+def directclr_memory_bank_loss(
+    out0: ArrayLike,
+    out1: ArrayLike,
+    bank: MemoryBankState,
+    *,
+    loss_dim: int = 64,
+    temperature: ArrayLike = 0.5,
+    update: bool = True,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, MemoryBankState]:
+    """DirectCLR with a memory bank: :func:`ntxent_memory_bank_loss` on the truncated
+    inputs of :func:`directclr_loss`.
+
+    The bank (from :func:`init_memory_bank`) has ``min(loss_dim, features)`` columns and
+    receives the normalized, truncated ``out1``; read before, updated after. Returns
+    ``(loss, new_bank)``. Differences from lightly: those of
+    :func:`ntxent_memory_bank_loss` (wrap-around enqueue, explicit state).
+    """
+    z0, z1 = _truncated_pair(out0, out1, loss_dim)
+    return ntxent_memory_bank_loss(z0, z1, bank, temperature=temperature, update=update,
+                                   axis_name=axis_name)
+
+
+def macl_loss(
+    z0: ArrayLike,
+    z1: ArrayLike,
+    *,
+    temperature: ArrayLike = 0.1,
+    alpha: ArrayLike = 0.5,
+    A_0: ArrayLike = 0.0,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Model-aware contrastive loss (MACL): NT-Xent with an alignment-adaptive
+    temperature and a reweighting of hard positives.
+
+    With L2-normalized views, :math:`s_{ij}` the cosine similarities of the 2N rows of
+    :math:`[z_0; z_1]` and :math:`A = \operatorname{sg}(\operatorname{mean}_i
+    \langle z_{0,i}, z_{1,i}\rangle)` (the alignment of the global batch):
+
+    .. math::
+        \tau = \tau_0\,(1 + \alpha(A - A_0)),\qquad
+        \log P_i = \frac{s_{i,p(i)}}{\tau} - \log\sum_{j\ne i} e^{s_{ij}/\tau},\qquad
+        L = \frac{1}{2N}\sum_i -\operatorname{sg}\Big(\frac{1}{1 - P_i + 10^{-8}}\Big)
+            \log P_i
+
+    Both A and the weight :math:`V_i = 1/(1 - P_i + 10^{-8})` are stop-gradient, as in
+    lightly and the paper.
+
+    Args:
+      z0, z1: ``[batch, dim]`` projections of the two views.
+      temperature: τ₀ > 0 (may be traced; values below 1e-8 are rejected, as lightly).
+      alpha: α in [0, 1], strength of the temperature adaptation (may be traced).
+      A_0: the alignment threshold A₀ in [0, 1] (may be traced).
+      axis_name: optional axis; negatives from the global batch (``all_gather``), A from
+        the global batch (``psum``), global mean returned.
+
+    Returns:
+      Scalar loss (>= float32).
+
+    Differences from lightly ``MACLLoss``: same value; under ``axis_name`` the negatives
+    and A are global (lightly has no distributed mode); a global batch of one is a
+    ``ValueError`` (no negatives; lightly fails inside a ``view``).
+
+    References:
+      Huang et al., `Model-Aware Contrastive Learning: Towards Escaping the Dilemmas
+      <https://arxiv.org/abs/2207.07874>`_, ICML 2023.
+    """
+    val.check_axis_name(axis_name)
+    val.check_temperature(temperature, positive=True)
+    val.check_in_range(alpha, "alpha", 0.0, 1.0)
+    val.check_in_range(A_0, "A_0", 0.0, 1.0)
+    x0 = val.as_float_array(z0, "z0", ndim=2)
+    x1 = val.as_float_array(z1, "z1", ndim=2)
+    val.check_same_shape(x0, x1, "z0", "z1")
+    b = x0.shape[0]
+    n = b * coll.axis_size(axis_name)
+    val.check_min_batch(n, 2, "MACL (negatives from other samples)", x0.shape)
+    x0, x1 = l2_normalize(x0), l2_normalize(x1)
+    dtype = x0.dtype
+    pos = jnp.sum(x0 * x1, axis=1)  # (B,)
+    align = lax.stop_gradient(coll.global_mean(jnp.sum(pos), b, axis_name))
+    t = jnp.asarray(temperature, dtype) * (
+        1.0 + jnp.asarray(alpha, dtype) * (align - jnp.asarray(A_0, dtype)))
+    anchors = jnp.concatenate([x0, x1], axis=0)  # (2B, D)
+    keys = jnp.concatenate([coll.all_gather(x0, axis_name), coll.all_gather(x1, axis_name)])
+    rows = jnp.arange(2 * b, dtype=jnp.int32)
+    sample = coll.axis_index(axis_name) * b + rows % b
+    lse = masked_logsumexp((anchors @ keys.T) / t, _candidates(rows, rows // b, sample, n, False),
+                           axis=1)
+    log_p = jnp.concatenate([pos, pos]) / t - lse
+    weight = lax.stop_gradient(1.0 / (1.0 - jnp.exp(log_p) + 1e-8))
+    return coll.global_mean(jnp.sum(-weight * log_p), 2 * b, axis_name)
+
+
 def _co2_divergence(z0, z1, negatives, t_consistency, axis_name):
     """α-free CO2 term: ½·[KL(q‖p) + KL(p‖q)] averaged over the global batch, where p and
     q are the softmaxes over [positive, negatives] of each view against the other."""
@@ -430,3 +593,420 @@ def co2_memory_bank_regularizer(
     negatives = lax.stop_gradient(bank.bank).astype(z0.dtype)
     loss = alpha * _co2_divergence(z0, z1, negatives, t_consistency, axis_name)
     return loss, (memory_bank_enqueue(bank, z1, axis_name=axis_name) if update else bank)
+
+
+def _global_rows(local_batch: int, axis_name: AxisName) -> jax.Array:
+    """Global batch index of each local row, ``axis_index·B + arange(B)``: where this
+    participant's rows sit among the columns of an ``all_gather`` (the labels of a
+    local-rows × gathered-columns cross-entropy)."""
+    return coll.axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
+
+
+def _check_labels(labels: ArrayLike, name: str, embeddings: jax.Array,
+                  embeddings_name: str) -> jax.Array:
+    """Integer class labels of shape ``[batch]`` matching ``embeddings`` (``[batch, dim]``)."""
+    return val.as_int_array(
+        labels, name, embeddings.shape[:1], meaning="class ids",
+        context=f"one label per row of {embeddings_name}, shape {embeddings.shape}")
+
+
+def supcon_loss(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    temperature: ArrayLike = 0.1,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Supervised contrastive loss (SupCon, the :math:`L^{sup}_{out}` form), i.e.
+    multi-positive SimCLR.
+
+    The rows are L2-normalized. Each row :math:`i` is an anchor; its positives
+    :math:`P(i)` are the *other* rows with the same label and its denominator runs over
+    :math:`A(i)`, all rows but the anchor itself:
+
+    .. math::
+        \ell_i = -\frac{1}{|P(i)|}\sum_{p \in P(i)}
+                 \log\frac{\exp(s_{ip}/\tau)}{\sum_{a \in A(i)} \exp(s_{ia}/\tau)},
+        \qquad L = \frac{1}{|V|}\sum_{i \in V} \ell_i,\quad V = \{i : |P(i)| > 0\},
+
+    with :math:`s_{ij}` the cosine similarity. **Anchors without a positive are left out
+    of the mean** (their loss is undefined); if no anchor has a positive the loss is 0 with
+    zero (finite) gradients.
+
+    Multi-view batches: stack the V views of B images view-major,
+    ``embeddings = jnp.concatenate([z_view1, ..., z_viewV])`` (shape ``[V·B, dim]``), and
+    pass ``labels = jnp.tile(jnp.arange(B), V)`` for self-supervised multi-positive
+    SimCLR, or ``jnp.tile(class_ids, V)`` for supervised contrastive learning. With two
+    views and ``jnp.tile(jnp.arange(B), 2)`` this is exactly :func:`ntxent_loss`.
+
+    Args:
+      embeddings: ``[batch, dim]`` floating projections.
+      labels: ``[batch]`` integer labels; rows with equal labels are positives of each other.
+      temperature: τ (may be negative or a traced scalar; ``|τ| < 1e-8`` is rejected).
+      axis_name: if set, ``embeddings``/``labels`` are this device's shard; the keys and
+        their labels are all-gathered (with gradient), so positives and negatives come from
+        the global batch, and the mean runs over the valid anchors of the global batch (the
+        count is ``psum``'ed). The result is the loss of one device holding the global
+        batch, identical on every device.
+
+    Returns:
+      Scalar loss (float32, or float64 for float64 inputs).
+
+    Differences from the official code (``SupConLoss(contrast_mode="all")``): no
+    ``temperature / base_temperature`` factor (1 at the defaults, 0.07 / 0.07); the official
+    code counts anchors without positives as 0 in the mean (after its NaN fix), here they are
+    excluded. solo-learn's ``simclr_loss_func(z, indexes)`` is this loss with
+    ``labels = indexes``.
+
+    References:
+      Khosla et al., `Supervised Contrastive Learning
+      <https://arxiv.org/abs/2004.11362>`_, 2020 (Eq. 2).
+    """
+    val.check_temperature(temperature)
+    val.check_axis_name(axis_name)
+    z = l2_normalize(val.as_float_array(embeddings, "embeddings", ndim=2))
+    labels = _check_labels(labels, "labels", z, "embeddings")
+    t = jnp.asarray(temperature, z.dtype)
+
+    lse, pos_mean, valid = _multi_positive_terms(z, labels, t, axis_name)
+    # −mean_p log softmax_p = lse − mean_p logit_p; masked before any reduction, so anchors
+    # without positives (whose lse may be −inf for a global batch of one) carry no gradient.
+    per_anchor = jnp.where(valid, lse - pos_mean, 0.0)
+    total, count = coll.psum((jnp.sum(per_anchor), jnp.sum(valid.astype(z.dtype))), axis_name)
+    return total / jnp.maximum(count, 1.0)
+
+
+def mocov3_loss(
+    query: ArrayLike,
+    key: ArrayLike,
+    *,
+    temperature: ArrayLike = 0.2,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""MoCo v3's contrastive term: InfoNCE of queries against the (gathered) keys, × 2τ.
+
+    Queries and keys are L2-normalized; the positive of query :math:`i` is key :math:`i`
+    and the negatives are all other keys of the global batch:
+
+    .. math::
+        L = \frac{2\tau}{N}\sum_{i=1}^{N}\Big[-\frac{\langle \hat q_i, \hat k_i\rangle}{\tau}
+            + \log\sum_{j=1}^{N}\exp\Big(\frac{\langle \hat q_i, \hat k_j\rangle}{\tau}\Big)\Big]
+
+    i.e. ``2τ · cross_entropy(q̂ k̂ᵀ/τ, labels)`` with ``labels`` the global index of each
+    query, as the official code (the 2τ factor makes the gradient scale independent of τ).
+    **The keys are stop-gradient** (they are the momentum encoder's output; the official
+    code gathers them without gradient), so ``key`` receives no gradient.
+
+    The symmetric MoCo v3 loss of two views is
+    ``mocov3_loss(q1, k2) + mocov3_loss(q2, k1)``, with ``q`` from the base encoder
+    (with predictor) and ``k`` from the momentum encoder.
+
+    Args:
+      query: ``[batch, dim]`` queries (base encoder + predictor).
+      key: ``[batch, dim]`` keys of the other view (momentum encoder).
+      temperature: τ (default 0.2 as MoCo v3 and solo-learn; may be negative or traced;
+        ``|τ| < 1e-8`` rejected).
+      axis_name: if set, ``query``/``key`` are this device's shard; the keys are
+        all-gathered (stop-gradient), the labels are offset by ``axis_index · batch`` and the
+        mean runs over the global batch.
+
+    Returns:
+      Scalar loss (float32, or float64 for float64 inputs).
+
+    References:
+      Chen, Xie and He, `An Empirical Study of Training Self-Supervised Vision Transformers
+      <https://arxiv.org/abs/2104.02057>`_, 2021 (Algorithm 1; ``moco/builder.py``).
+    """
+    val.check_temperature(temperature)
+    val.check_axis_name(axis_name)
+    q = val.as_float_array(query, "query", ndim=2)
+    k = val.as_float_array(key, "key", ndim=2)
+    val.check_same_shape(q, k, "query", "key")
+    q, k = upcast(q, k)
+    q, k = l2_normalize(q), lax.stop_gradient(l2_normalize(k))
+    t = jnp.asarray(temperature, q.dtype)
+    keys = coll.all_gather(k, axis_name)  # (N, D), no gradient to route back
+    lse = masked_logsumexp((q @ keys.T) / t, None, axis=1)
+    pos = jnp.sum(q * k, axis=1) / t  # the logit at column axis_index·B + i
+    return 2.0 * t * coll.global_mean(jnp.sum(lse - pos), q.shape[0], axis_name)
+
+
+# ---- issue 4 (part): fovi's multi-pair SimCLR, NNCLR and ReSSL --------------------------
+# One primitive serves supcon_loss and fovi_simclr_*: anchors = local rows, keys = the
+# gathered rows, positives from equal labels, and an optional "same source" exclusion.
+
+
+def _multi_positive_terms(
+    z: jax.Array,
+    labels: jax.Array,
+    t: jax.Array,
+    axis_name: AxisName,
+    sources: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-anchor terms of a multi-positive contrastive loss over the global batch.
+
+    ``z`` (B, D) are this participant's L2-normalized rows (anchors); the keys are the
+    gathered rows of the global batch (with gradient). Anchor ``i`` has positives
+    ``P(i) = {j ≠ i : labels_j = labels_i}`` and its denominator runs over
+    ``A(i) = {j ≠ i}``, or, with ``sources``, over ``P(i) ∪ {j : sources_j ≠ sources_i}``
+    (every other row of the same source, e.g. the other augmentations of the same image,
+    is left out of the denominator without being a positive: fovi's ``pairs_per_sample``).
+
+    Returns:
+      ``(lse [B], pos_mean [B], valid [B])``: the logsumexp of ``s_ij/τ`` over the
+      denominator, the mean positive logit (0 where there is none) and ``|P(i)| > 0``.
+    """
+    keys = coll.all_gather(z, axis_name)  # (N, D)
+    key_labels = coll.all_gather(labels, axis_name)  # (N,)
+    cols = jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :]
+    others = cols != _global_rows(z.shape[0], axis_name)[:, None]  # all but the anchor
+    positives = others & (labels[:, None] == key_labels[None, :])  # P(i)
+    candidates = others
+    if sources is not None:
+        key_sources = coll.all_gather(sources, axis_name)
+        candidates = positives | (sources[:, None] != key_sources[None, :])
+
+    logits = (z @ keys.T) / t
+    lse = masked_logsumexp(logits, candidates, axis=1)
+    n_pos = jnp.sum(positives, axis=1).astype(z.dtype)
+    pos_mean = jnp.sum(jnp.where(positives, logits, 0.0), axis=1) / jnp.maximum(n_pos, 1.0)
+    return lse, pos_mean, n_pos > 0
+
+
+class FoviSimCLRTerms(NamedTuple):
+    """fovi's ``SimCLRLoss`` outputs; the loss is ``num_sim + num_entropy``."""
+
+    num_sim: jax.Array  # mean over the 2·P·N anchors of −s_{i,p(i)}/τ
+    num_entropy: jax.Array  # mean over the anchors of log Σ_{j ∈ A(i)} exp(s_ij/τ)
+
+
+def fovi_simclr_terms(
+    z_i: ArrayLike,
+    z_j: ArrayLike,
+    *,
+    pairs_per_sample: int = 1,
+    temperature: ArrayLike = 0.5,
+    axis_name: AxisName = None,
+) -> FoviSimCLRTerms:
+    r"""fovi's SimCLR loss as its two terms ``(num_sim, num_entropy)``.
+
+    See :func:`fovi_simclr_loss` for the definition and the arguments.
+
+    Returns:
+      ``FoviSimCLRTerms(num_sim, num_entropy)``, scalars: the mean negative positive logit
+      and the mean log-denominator over the global batch of anchors (fovi's
+      ``SimCLRLoss.forward`` tuple); their sum is the loss.
+    """
+    val.check_temperature(temperature)
+    val.check_axis_name(axis_name)
+    p = val.check_int(pairs_per_sample, "pairs_per_sample", 1)
+    a = val.as_float_array(z_i, "z_i", ndim=2)
+    b = val.as_float_array(z_j, "z_j", ndim=2)
+    val.check_same_shape(a, b, "z_i", "z_j")
+    if a.shape[0] % p:
+        raise ValueError(
+            f"z_i must have a multiple of pairs_per_sample={p} rows (pairs_per_sample "
+            f"consecutive rows per image), got shape {a.shape}"
+        )
+    m = a.shape[0]
+    z = l2_normalize(jnp.concatenate(upcast(a, b), axis=0))  # (2M, D): [z_i; z_j]
+    pair = _global_rows(m, axis_name)  # global pair index (image-major, P per image)
+    labels = jnp.concatenate([pair, pair])
+    lse, pos, _ = _multi_positive_terms(z, labels, jnp.asarray(temperature, z.dtype),
+                                        axis_name, sources=labels // p)
+    sums = coll.psum(jnp.stack([-jnp.sum(pos), jnp.sum(lse)]), axis_name)
+    sums = sums / (2 * m * coll.axis_size(axis_name))
+    return FoviSimCLRTerms(sums[0], sums[1])
+
+
+def fovi_simclr_loss(
+    z_i: ArrayLike,
+    z_j: ArrayLike,
+    *,
+    pairs_per_sample: int = 1,
+    temperature: ArrayLike = 0.5,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""fovi's SimCLR loss: NT-Xent with ``pairs_per_sample`` augmented pairs per image.
+
+    ``z_i`` and ``z_j`` hold the two views of ``N·P`` pairs, **sample-major** as fovi:
+    rows ``n·P, …, n·P + P − 1`` are the P pairs of image ``n``, and row ``r`` of ``z_i``
+    is paired with row ``r`` of ``z_j``. With ``s_ij`` the cosine similarities of the
+    2NP rows of ``[z_i; z_j]``, each row ``i`` is an anchor whose positive ``p(i)`` is
+    its pair partner and whose negatives are the rows of **other images** only: the
+    other ``2P − 2`` views of the same image are in neither the numerator nor the
+    denominator.
+
+    .. math::
+        \ell_i = -\frac{s_{i,p(i)}}{\tau} + \log\Big(e^{s_{i,p(i)}/\tau}
+                 + \sum_{j:\ \mathrm{img}(j) \ne \mathrm{img}(i)} e^{s_{ij}/\tau}\Big),
+        \qquad L = \frac{1}{2NP}\sum_i \ell_i
+                 = \texttt{num\_sim} + \texttt{num\_entropy}
+
+    ``pairs_per_sample=1`` is :func:`ntxent_loss`. Built on the primitive of
+    :func:`supcon_loss` (labels = pair ids) with a same-image exclusion mask.
+
+    Args:
+      z_i: ``[N·P, dim]`` first views, P consecutive rows per image.
+      z_j: ``[N·P, dim]`` second views, same layout.
+      pairs_per_sample: P, the number of augmented pairs per image (static int >= 1);
+        the number of rows must be a multiple of it (on every device).
+      temperature: τ (fovi has no default; its configs use 0.5). May be traced or
+        negative; ``|τ| < 1e-8`` is rejected.
+      axis_name: if set, each device passes its own ``[N_local·P, dim]`` rows (whole
+        images: a device never splits an image's pairs); keys are all-gathered with
+        gradient and the loss is the global mean, identical on every device.
+
+    Returns:
+      Scalar loss (float32, or float64 for float64 inputs).
+
+    Differences from fovi ``SimCLRLoss(batch_size, world_size, gpu, temperature,
+    pairs_per_sample)``: a plain function of any batch size (fovi precomputes an
+    ``(2PBW)²`` mask for a fixed batch size); returns the sum (see
+    :func:`fovi_simclr_terms` for fovi's tuple); under ``axis_name`` each device computes
+    only its (local rows × global columns) logits and returns the global loss (every
+    fovi rank computes the full ``(2PBW)²`` logits: same value and gradient after DDP,
+    replicated work). Computed in >= float32 with a masked logsumexp.
+
+    References:
+      Chen et al., `A Simple Framework for Contrastive Learning of Visual Representations
+      <https://arxiv.org/abs/2002.05709>`_, 2020; fovi ``fovi/utils/losses.py``.
+    """
+    t = fovi_simclr_terms(z_i, z_j, pairs_per_sample=pairs_per_sample,
+                          temperature=temperature, axis_name=axis_name)
+    return t.num_sim + t.num_entropy
+
+
+def nnclr_loss(
+    z: ArrayLike,
+    p: ArrayLike,
+    queue: MemoryBankState,
+    *,
+    temperature: ArrayLike = 0.1,
+    update: bool = True,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, MemoryBankState]:
+    r"""NNCLR: InfoNCE between the support-set nearest neighbours of ``z`` and the
+    predictions ``p`` of the other view (solo-learn ``nnclr_loss_func``).
+
+    With :math:`\hat z_i` the L2-normalized, stop-gradient projections and :math:`Q` the
+    support set (the queue **before** this call's update, stop-gradient),
+    :math:`\mathrm{nn}_i = \arg\max_{q \in Q}\langle \hat z_i, q\rangle` (normalized) and
+    :math:`\hat p_j` the normalized predictions of the global batch:
+
+    .. math::
+        L = \frac{1}{N}\sum_{i=1}^{N}\Big[-\frac{\langle \mathrm{nn}_i, \hat p_i\rangle}{\tau}
+            + \log\sum_{j=1}^{N}\exp\Big(\frac{\langle \mathrm{nn}_i, \hat p_j\rangle}{\tau}
+            \Big)\Big]
+
+    i.e. ``cross_entropy(nn p̂ᵀ/τ, labels)`` with rank-offset labels; then the normalized
+    ``ẑ`` of the global batch is enqueued (read before, updated after). Only ``p``
+    receives a gradient. The symmetric NNCLR loss of two views shares the queue read::
+
+        l1, new_queue = nnclr_loss(z1, p2, queue)
+        l2, _ = nnclr_loss(z2, p1, queue, update=False)
+        loss = 0.5 * (l1 + l2)
+
+    Args:
+      z: ``[batch, dim]`` projections used to look up the neighbours (and enqueued).
+      p: ``[batch, dim]`` predictions of the other view.
+      queue: the support set, a ``MemoryBankState`` from
+        ``init_memory_bank(key, queue_size, dim)`` (random unit rows, as solo-learn).
+      temperature: τ (solo-learn's function default 0.1; may be traced).
+      update: if True (static), enqueue ``ẑ`` (FIFO, wrapping around).
+      axis_name: if set, ``p`` is all-gathered with gradient (labels offset by
+        ``axis_index · batch``), the loss is the global mean and the gathered global
+        ``ẑ`` is enqueued on every device.
+
+    Returns:
+      ``(loss, new_queue)``.
+
+    Differences from solo-learn: the queue is an explicit state (solo-learn keeps a
+    buffer and asserts ``queue_size % global_batch == 0``; here a batch wraps around);
+    solo-learn also stores labels next to the queue for its nn-accuracy metric (not part
+    of the loss, left out).
+
+    References:
+      Dwibedi et al., `With a Little Help from My Friends: Nearest-Neighbor Contrastive
+      Learning of Visual Representations <https://arxiv.org/abs/2104.14548>`_, 2021.
+    """
+    val.check_temperature(temperature)
+    val.check_axis_name(axis_name)
+    zz = val.as_float_array(z, "z", ndim=2)
+    pp = val.as_float_array(p, "p", ndim=2)
+    val.check_same_shape(zz, pp, "z", "p")
+    check_memory_bank(queue, zz.shape[1], "queue")
+    zz, pp = upcast(zz, pp)
+    z_hat = lax.stop_gradient(l2_normalize(zz))
+    support = lax.stop_gradient(queue.bank).astype(z_hat.dtype)
+    nn = l2_normalize(support[jnp.argmax(z_hat @ support.T, axis=1)])  # (B, D)
+    p_hat = l2_normalize(pp)
+    t = jnp.asarray(temperature, p_hat.dtype)
+    lse = masked_logsumexp((nn @ coll.all_gather(p_hat, axis_name).T) / t, None, axis=1)
+    pos = jnp.sum(nn * p_hat, axis=1) / t  # the logit at column axis_index·B + i
+    loss = coll.global_mean(jnp.sum(lse - pos), zz.shape[0], axis_name)
+    new_queue = memory_bank_enqueue(queue, z_hat, axis_name=axis_name) if update else queue
+    return loss, new_queue
+
+
+def ressl_loss(
+    q: ArrayLike,
+    k: ArrayLike,
+    queue: MemoryBankState,
+    *,
+    temperature_q: ArrayLike = 0.1,
+    temperature_k: ArrayLike = 0.04,
+    update: bool = True,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, MemoryBankState]:
+    r"""ReSSL's relational loss: the query's similarity distribution over a queue matches
+    the (sharper) key's (solo-learn ``ressl_loss_func``).
+
+    With L2-normalized :math:`\hat q_i`, stop-gradient :math:`\hat k_i` and the queue rows
+    :math:`u_m` **before** this call's update (stop-gradient):
+
+    .. math::
+        L = -\frac{1}{N}\sum_i\sum_m
+            \operatorname{softmax}_m\Big(\frac{\langle \hat k_i, u_m\rangle}{\tau_k}\Big)
+            \log\operatorname{softmax}_m\Big(\frac{\langle \hat q_i, u_m\rangle}{\tau_q}\Big)
+
+    a cross-entropy, i.e. ``KL(p_k ‖ p_q)`` plus the (constant) entropy of the target.
+    The normalized keys of the global batch are enqueued afterwards, as MoCo's bank
+    (:func:`ntxent_memory_bank_loss`): the queue is an explicit ``MemoryBankState``.
+
+    Args:
+      q: ``[batch, dim]`` queries (online encoder + predictor).
+      k: ``[batch, dim]`` keys of the other view (momentum encoder); stop-gradient.
+      queue: ``MemoryBankState`` (``init_memory_bank(key, queue_size, dim)``).
+      temperature_q: τ_q of the query distribution (0.1).
+      temperature_k: τ_k of the target distribution (0.04); both may be traced.
+      update: if True (static), enqueue the normalized ``k``.
+      axis_name: if set, the loss is the global mean and the gathered global keys are
+        enqueued on every device (the loss itself needs no other collective).
+
+    Returns:
+      ``(loss, new_queue)``.
+
+    Differences from solo-learn: ``q`` and ``k`` are L2-normalized here (solo-learn's
+    ReSSL method normalizes them before calling ``ressl_loss_func``, which does not);
+    the queue is explicit state with a wrap-around enqueue.
+
+    References:
+      Zheng et al., `ReSSL: Relational Self-Supervised Learning with Weak Augmentation
+      <https://arxiv.org/abs/2107.09282>`_, NeurIPS 2021.
+    """
+    val.check_temperature(temperature_q, "temperature_q")
+    val.check_temperature(temperature_k, "temperature_k")
+    val.check_axis_name(axis_name)
+    qq = val.as_float_array(q, "q", ndim=2)
+    kk = val.as_float_array(k, "k", ndim=2)
+    val.check_same_shape(qq, kk, "q", "k")
+    check_memory_bank(queue, qq.shape[1], "queue")
+    qq, kk = upcast(qq, kk)
+    q_hat, k_hat = l2_normalize(qq), lax.stop_gradient(l2_normalize(kk))
+    u = lax.stop_gradient(queue.bank).astype(q_hat.dtype)
+    log_q = jax.nn.log_softmax((q_hat @ u.T) / jnp.asarray(temperature_q, q_hat.dtype), axis=1)
+    target = jax.nn.softmax((k_hat @ u.T) / jnp.asarray(temperature_k, q_hat.dtype), axis=1)
+    loss = coll.global_mean(-jnp.sum(target * log_q), qq.shape[0], axis_name)
+    new_queue = memory_bank_enqueue(queue, k_hat, axis_name=axis_name) if update else queue
+    return loss, new_queue

@@ -24,6 +24,7 @@ __all__ = [
     "other_views_sum",
     "offdiag_sq_sum",
     "cross_diag",
+    "nuclear_norm",
 ]
 
 
@@ -126,3 +127,15 @@ def offdiag_sq_sum(c: jax.Array) -> jax.Array:
 def cross_diag(a: jax.Array, b: jax.Array) -> jax.Array:
     """diag(aᵀb) for a, b of shape (N, ..., D): Σ_n a[n]·b[n] per feature, shape (..., D)."""
     return jnp.sum(a * b, axis=0)
+
+
+def nuclear_norm(x: jax.Array) -> jax.Array:
+    """Σ σ_i(x), the nuclear norm over the last two axes (batched), in >= float32.
+
+    Singular values only (``compute_uv=False``): their JVP is ``diag(Uᵀ dX V)``, i.e. the
+    gradient is ``U Vᵀ``, with none of the ``1/(σ_i² − σ_j²)`` factors of the singular
+    vectors' derivative. It is therefore finite at repeated singular values and at
+    ``x = 0`` (where it is a valid subgradient, ``‖U Vᵀ‖₂ <= 1``).
+    """
+    (x,) = upcast(x)
+    return jnp.sum(jnp.linalg.svd(x, compute_uv=False), axis=-1)

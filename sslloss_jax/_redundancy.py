@@ -28,6 +28,10 @@ __all__ = [
     "vicreg_terms",
     "vicreg_loss",
     "correlation_stats",
+    "variance_covariance",
+    "VIbCRegTerms",
+    "vibcreg_terms",
+    "vibcreg_loss",
 ]
 
 
@@ -243,21 +247,37 @@ def vicreg_terms(
 
     z_a, z_b = (z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b))  # (B, M, D)
     moments = coll.global_moments(z_a, z_b, axis_name=axis_name)
-
-    def var_cov(z, mom):
-        std = jnp.sqrt(mom.m2 / (n - 1) + eps)
-        var = jnp.mean(jax.nn.relu(gamma - std))
-        stats = functools.partial(correlation_stats, b=None, scale=1.0 / (n - 1),
-                                  axis_name=axis_name, method=method)
-        centered = z - mom.mean
-        if z.shape[1] == 1:
-            _, off = stats(centered[:, 0])
-        else:  # one covariance per middle position
-            _, off = jax.vmap(stats, in_axes=1)(centered)
-        return var, jnp.mean(off) / z.shape[-1]
-
-    (var_a, cov_a), (var_b, cov_b) = var_cov(z_a, moments[0]), var_cov(z_b, moments[1])
+    var_a, cov_a = variance_covariance(z_a, moments[0], eps=eps, gamma=gamma,
+                                       axis_name=axis_name, method=method)
+    var_b, cov_b = variance_covariance(z_b, moments[1], eps=eps, gamma=gamma,
+                                       axis_name=axis_name, method=method)
     return VICRegTerms(invariance, 0.5 * (var_a + var_b), cov_a + cov_b)
+
+
+def variance_covariance(
+    z: jax.Array,
+    mom: coll.Moments,
+    *,
+    eps: ArrayLike,
+    gamma: ArrayLike,
+    axis_name: AxisName,
+    method: Literal["auto", "gram", "feature"],
+) -> tuple[jax.Array, jax.Array]:
+    """VICReg's variance hinge and covariance term of one branch ``z`` (B, M, D) with its
+    global moments: ``(mean relu(γ − sqrt(var + eps)), mean_m Σ_{i≠j} C_ij² / D)``, the
+    unbiased variance and covariance of the global batch, one covariance per middle
+    position ``m``."""
+    n = mom.n
+    std = jnp.sqrt(mom.m2 / (n - 1) + eps)
+    var = jnp.mean(jax.nn.relu(gamma - std))
+    stats = functools.partial(correlation_stats, b=None, scale=1.0 / (n - 1),
+                              axis_name=axis_name, method=method)
+    centered = z - mom.mean
+    if z.shape[1] == 1:
+        _, off = stats(centered[:, 0])
+    else:  # one covariance per middle position
+        _, off = jax.vmap(stats, in_axes=1)(centered)
+    return var, jnp.mean(off) / z.shape[-1]
 
 
 def vicreg_loss(
@@ -309,4 +329,96 @@ def vicreg_loss(
     lam, mu, nu = (val.check_scalar_param(v, name) for name, v in (
         ("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)))
     t = vicreg_terms(z_a, z_b, eps=eps, gamma=gamma, axis_name=axis_name, method=method)
+    return lam * t.invariance + mu * t.variance + nu * t.covariance
+
+
+# ---- issue 4 (part): VIbCReg (solo-learn vibcreg_loss_func) -----------------------------
+
+
+class VIbCRegTerms(NamedTuple):
+    """Unweighted VIbCReg terms; the loss is
+    ``sim_loss_weight·invariance + var_loss_weight·variance + cov_loss_weight·covariance``."""
+
+    invariance: jax.Array  # mean squared error between the branches
+    variance: jax.Array  # hinge_1 + hinge_2 (summed), hinge = mean relu(1 − sqrt(var + 1e-4))
+    covariance: jax.Array  # Σ over branches of mean_{ij} C̃_ij² (diagonal zeroed), D² entries
+
+
+def vibcreg_terms(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    *,
+    axis_name: AxisName = None,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> VIbCRegTerms:
+    """The three unweighted VIbCReg terms; see :func:`vibcreg_loss` for the arguments."""
+    val.check_axis_name(axis_name)
+    a = val.as_float_array(z1, "z1", ndim=2)
+    b = val.as_float_array(z2, "z2", ndim=2)
+    val.check_same_shape(a, b, "z1", "z2")
+    n = a.shape[0] * coll.axis_size(axis_name)
+    val.check_min_batch(n, 2, "VIbCReg (unbiased variance)", a.shape)
+    a, b = upcast(a, b)
+    invariance = coll.global_mean(jnp.sum(jnp.square(a - b)), a.size, axis_name)
+    variance = jnp.zeros((), a.dtype)
+    covariance = jnp.zeros((), a.dtype)
+    for z, mom in zip((a, b), coll.global_moments(a, b, axis_name=axis_name), strict=True):
+        variance += jnp.mean(jax.nn.relu(1.0 - jnp.sqrt(mom.m2 / (n - 1) + 1e-4)))
+        # batch-centred columns scaled to unit L2 norm (F.normalize(dim=0), eps 1e-12)
+        unit = (z - mom.mean) / jnp.maximum(safe_sqrt(mom.m2), 1e-12)
+        _, off = correlation_stats(unit, None, 1.0, axis_name, method=method)
+        covariance += off / z.shape[-1] ** 2
+    return VIbCRegTerms(invariance, variance, covariance)
+
+
+def vibcreg_loss(
+    z1: ArrayLike,
+    z2: ArrayLike,
+    *,
+    sim_loss_weight: ArrayLike = 25.0,
+    var_loss_weight: ArrayLike = 25.0,
+    cov_loss_weight: ArrayLike = 200.0,
+    axis_name: AxisName = None,
+    method: Literal["auto", "gram", "feature"] = "auto",
+) -> jax.Array:
+    r"""VIbCReg: VICReg with the covariance term on the normalized correlation matrix.
+
+    .. math::
+        L = \lambda\,\frac{1}{ND}\lVert z_1 - z_2\rVert_F^2
+          + \mu\,\big(v(z_1) + v(z_2)\big) + \nu\,\big(c(z_1) + c(z_2)\big),\qquad
+        c(z) = \frac{1}{D^2}\sum_{i\ne j}\tilde C_{ij}^2,\quad
+        \tilde C = \tilde z^\top\tilde z
+
+    with :math:`v(z) = \operatorname{mean}_d \operatorname{relu}(1 -
+    \sqrt{\operatorname{Var}(z_d) + 10^{-4}})` (unbiased variance) and :math:`\tilde z`
+    the batch-centred features whose columns are scaled to unit L2 norm (``eps 1e-12``),
+    so :math:`\tilde C` is the feature correlation matrix (solo-learn
+    ``vibcreg_loss_func``). The D × D matrix is never formed when the global batch is
+    smaller than D (Gram matrices, as :func:`vicreg_loss`).
+
+    Args:
+      z1, z2: ``[batch, dim]`` projections (solo-learn's projector ends with IterNorm,
+        which is part of the model, not of the loss); global batch >= 2.
+      sim_loss_weight, var_loss_weight, cov_loss_weight: λ, μ, ν (25, 25, 200; may be
+        traced).
+      axis_name: optional axis; all three terms use the global batch.
+      method: as in :func:`vicreg_loss` (``"auto"``: Gram matrices when the global batch
+        is smaller than ``dim``).
+
+    Returns:
+      Scalar loss. :func:`vibcreg_terms` gives the unweighted terms.
+
+    Differences from solo-learn: the invariance term is the global-batch mean under
+    ``axis_name`` (solo-learn's is per rank, averaged by DDP: equal for equal shards).
+    As solo-learn (and unlike :func:`vicreg_loss`), the variance hinges of the two
+    branches are **summed**.
+
+    References:
+      Lee and Aune, `VIbCReg: Variance-Invariance-better-Covariance Regularization for
+      Self-Supervised Learning on Time Series <https://arxiv.org/abs/2109.00783>`_, 2021.
+    """
+    lam, mu, nu = (val.check_scalar_param(v, name) for name, v in (
+        ("sim_loss_weight", sim_loss_weight), ("var_loss_weight", var_loss_weight),
+        ("cov_loss_weight", cov_loss_weight)))
+    t = vibcreg_terms(z1, z2, axis_name=axis_name, method=method)
     return lam * t.invariance + mu * t.variance + nu * t.covariance

@@ -59,6 +59,9 @@ class LossSpec:
       numeric_grads: whether finite differences see the same function as autodiff
         (False when the loss detaches a quantity computed from its inputs, as DCLW's
         weights: autodiff then rightly differs from finite differences).
+      raw_argnums: batch arrays that are not embeddings (integer labels): sharded with the
+        batch, but the generic tests pass them through as they are (no encoder, no dtype
+        cast, no degenerate transform, no gradient).
     """
 
     name: str
@@ -74,6 +77,7 @@ class LossSpec:
     symmetric: bool = False
     numeric_grads: bool = True
     variant: str = ""
+    raw_argnums: tuple[int, ...] = ()
 
     @property
     def id(self) -> str:
@@ -384,6 +388,324 @@ LOSSES += (
         "sub-batches drawn from the gathered global batch (same key on every device); "
         "whitening and running statistics of the global batch",
         _apply_wmse, _wmse_example, {"eps": (0.1, 0.3)}, min_batch=2, symmetric=True,
+    ),
+)
+
+
+def _labeled_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Embeddings and integer labels with about two rows per class (some classes have a
+    single row: anchors without a positive)."""
+    x = rng.standard_normal((batch, dim)).astype(np.float32)
+    return Example((x, rng.integers(0, max(1, batch // 2), batch).astype(np.int32)))
+
+
+LOSSES += (
+    LossSpec(
+        "supcon_loss", "contrastive", {},
+        False, "keys and labels all-gathered; mean over the global anchors with a positive",
+        _stateless(S.supcon_loss), _labeled_example, {"temperature": (0.1, 0.3)},
+        grad_argnums=(0,), raw_argnums=(1,),
+    ),
+    LossSpec(
+        "mocov3_loss", "contrastive", {},
+        False, "keys all-gathered (stop-gradient); global mean",
+        _stateless(S.mocov3_loss), _two_views, {"temperature": (0.2, 0.5)}, grad_argnums=(0,),
+    ),
+    LossSpec(
+        "clip_loss", "two-tower", {},
+        False, "both directions: local rows against the other tower all-gathered; global mean",
+        _stateless(S.clip_loss), _two_views,
+        {"temperature": (0.07, 0.2)}, symmetric=True,
+    ),
+    LossSpec(
+        "siglip_loss", "two-tower", {},
+        False, "local rows against the all-gathered z_b; global sum / global batch",
+        _stateless(S.siglip_loss), _two_views,
+        {"t": (float(np.log(10.0)), 1.0), "b": (-10.0, -5.0)}, symmetric=True,
+    ),
+)
+
+# ---- issue 4 (part): VICRegL, DetCon, DirectCLR, MACL, MMCR, FroSSL, EMP-SSL
+def _vicregl_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Three views (two global, one local) of (batch, 2, 3, dim) local maps, then their
+    (batch, 2, 3, 2) grids (raw arrays: coordinates, used only for matching)."""
+    maps = tuple(rng.standard_normal((batch, 2, 3, dim)).astype(np.float32) for _ in range(3))
+    grids = tuple(rng.uniform(0, 1, (batch, 2, 3, 2)).astype(np.float32) for _ in range(3))
+    return Example(maps + grids)
+
+
+def _apply_vicregl(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    """Global embeddings = the spatial means of the local maps; views 0, 1 global, 2 local."""
+    maps, grids = batch[:3], batch[3:]
+    pool = lambda m: jnp.mean(m, axis=tuple(range(1, m.ndim - 1))) if hasattr(m, "ndim") else m
+    feats = [(pool(m), m) for m in maps]
+    return S.vicregl_loss(feats[:2], list(grids[:2]), feats[2:], list(grids[2:]),
+                          axis_name=axis_name, **hyper), None
+
+
+def _region_example(n_views: int):
+    def example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+        views = tuple(rng.standard_normal((batch, 4, dim)).astype(np.float32)
+                      for _ in range(n_views))
+        masks = tuple(rng.integers(0, 3, (batch, 4)).astype(np.int32) for _ in range(2))
+        return Example(views + masks)
+
+    return example
+
+
+def _apply_directclr(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    """loss_dim=3 (below the example dimension), so the truncation is exercised."""
+    return S.directclr_loss(*batch, axis_name=axis_name, **{"loss_dim": 3, **hyper}), None
+
+
+def _directclr_bank_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    key = jax.random.key(int(rng.integers(2**31)))
+    return Example(_two_views(rng, batch, dim).batch,
+                   S.init_memory_bank(key, 3 * batch + 1, min(3, dim)))
+
+
+def _apply_directclr_bank(batch, state, *, axis_name: AxisName = None, **hyper):
+    out0, out1 = batch
+    return S.directclr_memory_bank_loss(out0, out1, state, axis_name=axis_name,
+                                        **{"loss_dim": 3, **hyper})
+
+
+def _mmcr_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    online = rng.standard_normal((batch, 2, dim)).astype(np.float32)
+    return Example((online, (online + 0.5 * rng.standard_normal(online.shape)).astype(
+        np.float32)))
+
+
+def _views_list(fn: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, None]]:
+    """The batch arrays as lightly's list of views."""
+
+    def apply(batch, state=None, *, axis_name: AxisName = None, **hyper):
+        return fn(list(batch), axis_name=axis_name, **hyper), None
+
+    return apply
+
+
+LOSSES += (
+    LossSpec(
+        "vicregl_loss", "redundancy", {"lightly": "VICRegLLoss"},
+        False, "matching within each image; invariance, variance and covariance (global "
+        "and matched local features) over the global batch", _apply_vicregl,
+        _vicregl_example, {"lambda_param": (25.0, 10.0), "alpha": (0.75, 0.5)},
+        min_batch=2, grad_argnums=(0, 1, 2), raw_argnums=(3, 4, 5),
+    ),
+    LossSpec(
+        "detcon_b_loss", "region", {"lightly": "DetConBLoss"},
+        False, "targets all-gathered (lightly's default gather_distributed=True); global mean",
+        _stateless(S.detcon_b_loss), _region_example(4), {"temperature": (0.1, 0.3)},
+        grad_argnums=(0, 1, 2, 3), raw_argnums=(4, 5),
+    ),
+    LossSpec(
+        "detcon_s_loss", "region", {"lightly": "DetConSLoss"},
+        False, "views all-gathered as targets; global mean",
+        _stateless(S.detcon_s_loss), _region_example(2), {"temperature": (0.1, 0.3)},
+        grad_argnums=(0, 1), raw_argnums=(2, 3),
+    ),
+    LossSpec(
+        "directclr_loss", "contrastive", {"lightly": "DirectCLRLoss"},
+        False, _GATHER, _apply_directclr, _two_views, {"temperature": (0.5, 0.2)},
+        symmetric=True,
+    ),
+    LossSpec(
+        "directclr_memory_bank_loss", "contrastive",
+        {"lightly": "DirectCLRLoss(memory_bank_size=(n, d))"},
+        True, "global mean; global batch enqueued on every device", _apply_directclr_bank,
+        _directclr_bank_example, {"temperature": (0.5, 0.2)},
+    ),
+    LossSpec(
+        "macl_loss", "contrastive", {"lightly": "MACLLoss"},
+        False, _GATHER + "; alignment A over the global batch", _stateless(S.macl_loss),
+        _two_views, {"temperature": (0.1, 0.3), "alpha": (0.5, 0.2)}, min_batch=2,
+        symmetric=True, numeric_grads=False,
+    ),
+    LossSpec(
+        "mmcr_loss", "spectral", {"lightly": "MMCRLoss"},
+        False, "per-sample nuclear norms local; SVD of the gathered centroids",
+        _stateless(S.mmcr_loss), _mmcr_example, {"lmda": (5e-3, 0.1)}, symmetric=True,
+    ),
+    LossSpec(
+        "frossl_loss", "spectral", {"lightly": "FroSSLLoss"},
+        False, "column norms and covariances of the global batch (gathered Gram or D×D psum)",
+        _views_list(S.frossl_loss), _two_views, {"invariance_weight": (1.0, 2.0)},
+        symmetric=True,
+    ),
+    LossSpec(
+        "emp_ssl_loss", "spectral", {"lightly": "EMPSSLLoss (coding-rate sign fixed)"},
+        False, "coding rate of the global batch (gathered Gram or D×D psum); global mean",
+        _views_list(S.emp_ssl_loss), _two_views, {"inv_coef": (200.0, 100.0),
+                                                  "tcr_eps": (0.2, 0.5)},
+        symmetric=True,
+    ),
+)
+
+def _three_views(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Two global views and one local view ``[batch, dim]`` of the same samples."""
+    x = rng.standard_normal((batch, dim)).astype(np.float32)
+    return Example(tuple((x + 0.5 * rng.standard_normal((batch, dim))).astype(np.float32)
+                         for _ in range(3)))
+
+
+def _random_apply(fn, **defaults):
+    """Views as sequences (global: the first two, local: the third), a fixed replicated
+    PRNG key (the same on every device) and few slices, so the tests stay fast."""
+
+    def apply(batch, state=None, *, axis_name: AxisName = None, **hyper):
+        del state
+        key = hyper.pop("key", jax.random.key(0))
+        hyper = {**defaults, **hyper}
+        if fn is S.sigreg:
+            return fn(list(batch), key, axis_name=axis_name, **hyper), None
+        return fn(list(batch[2:]), list(batch[:2]), key, axis_name=axis_name, **hyper), None
+
+    return apply
+
+
+def _lewm_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """``(embeddings, predicted, target)``, each ``[B, 3, D]`` (equal shapes, so the
+    generic "identical views" case applies)."""
+    emb = rng.standard_normal((batch, 3, dim)).astype(np.float32)
+    pred = (emb + 0.3 * rng.standard_normal((batch, 3, dim))).astype(np.float32)
+    return Example((emb, pred, (emb + 0.1 * rng.standard_normal((batch, 3, dim))).astype(
+        np.float32)))
+
+
+def _apply_lewm(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    embeddings, predicted, target = batch
+    key = hyper.pop("key", jax.random.key(0))
+    hyper = {"sigreg_num_vectors": 32, **hyper}
+    return S.lewm_loss(predicted, target, embeddings, key, axis_name=axis_name, **hyper), None
+
+
+def _dense_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Student and teacher tokens ``[batch, 5, dim]``."""
+    s = rng.standard_normal((batch, 5, dim)).astype(np.float32)
+    return Example((s, (s + rng.standard_normal((batch, 5, dim))).astype(np.float32)))
+
+
+def _apply_paka(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    """The mask (about 16 % of the tokens) is derived from the teacher's values."""
+    student, teacher = batch
+    mask = lax.stop_gradient(teacher[..., 0]) > 1.0 if hasattr(teacher, "shape") else None
+    return S.patch_kernel_alignment_loss(student, teacher, mask, axis_name=axis_name,
+                                         **hyper), None
+
+
+LOSSES += (
+    LossSpec(
+        "sigreg", "slicing", {"lightly": "SIGReg"},
+        False, "cos/sin sums psum-ed, N the global count; slices from one key on every "
+        "device (lightly: broadcast from rank 0)",
+        _random_apply(S.sigreg, num_vectors=32), _two_views,
+    ),
+    LossSpec(
+        "lejepa_loss", "slicing", {"lightly": "LeJEPALoss"},
+        False, "SIGReg and invariance over the global batch; slices from one key",
+        _random_apply(S.lejepa_loss, sigreg_num_vectors=32), _three_views,
+        {"lambda_param": (0.05, 0.5)},
+    ),
+    LossSpec(
+        "lewm_loss", "slicing", {"lightly": "LeWMLoss"},
+        False, "prediction mean and SIGReg over the global batch; slices from one key",
+        _apply_lewm, _lewm_example, {"lambda_param": (0.1, 0.5)}, grad_argnums=(0, 1),
+    ),
+    LossSpec(
+        "visreg_loss", "slicing", {"lightly": "VISRegLoss"},
+        False, "views gathered: every term (sort included) on the global batch; slices "
+        "from one key", _random_apply(S.visreg_loss, num_slices=32), _three_views,
+        {"lambda_param": (0.9, 0.6), "lambda_scale": (1.0, 2.0)}, min_batch=2,
+        numeric_grads=False,  # the shape term detaches the std (as lightly)
+    ),
+    LossSpec(
+        "patch_kernel_alignment_loss", "dense", {"lightly": "PatchKernelAlignmentLoss"},
+        False, "per-image CKA local; mean over the global valid images (subsampling "
+        "scores drawn for the global batch)", _apply_paka, _dense_example,
+        grad_argnums=(0,),
+    ),
+)
+
+# ---- issue 4 (part): seed variants (fovi, nidl, quadra), NNCLR, ReSSL, VIbCReg
+def _apply_fovi_simclr(batch, state=None, *, axis_name: AxisName = None, **hyper):
+    """Two pairs per image (rows 2n, 2n+1 of each view) when the rows pair up, so the
+    same-image exclusion is exercised (the distributed tests' local batches are even)."""
+    z_i, z_j = batch
+    pairs = 2 if np.shape(z_i)[0] % 2 == 0 else 1
+    return S.fovi_simclr_loss(z_i, z_j, axis_name=axis_name,
+                              **{"pairs_per_sample": pairs, **hyper}), None
+
+
+def _metadata_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Two views and one continuous metadata value per sample (raw: no gradient)."""
+    return Example(_two_views(rng, batch, dim).batch
+                   + (rng.uniform(0.0, 3.0, batch).astype(np.float32),))
+
+
+def _instance_example(rng: np.random.Generator, batch: int, dim: int) -> Example:
+    """Logits over ``dim`` instances and integer instance labels."""
+    return Example((rng.standard_normal((batch, dim)).astype(np.float32),
+                    rng.integers(0, dim, batch).astype(np.int32)))
+
+
+def _queue_apply(fn):
+    def apply(batch, state, *, axis_name: AxisName = None, **hyper):
+        a, b = batch
+        return fn(a, b, state, axis_name=axis_name, **hyper)
+
+    return apply
+
+
+LOSSES += (
+    LossSpec(
+        "fovi_simclr_loss", "contrastive",
+        {"fovi": "SimCLRLoss(pairs_per_sample=P) (sum of its tuple)"},
+        False, _GATHER + "; other views of the same image excluded", _apply_fovi_simclr,
+        _two_views, {"temperature": (0.5, 0.2)}, symmetric=True,
+    ),
+    LossSpec(
+        "infonce_loss", "contrastive", {"nidl": "InfoNCE"},
+        False, _GATHER + " (= ntxent_loss, τ = 0.1)", _stateless(S.infonce_loss), _two_views,
+        {"temperature": (0.1, 0.3)}, symmetric=True,
+    ),
+    LossSpec(
+        "y_aware_infonce_loss", "contrastive", {"nidl": "YAwareInfoNCE"},
+        False, "keys and metadata all-gathered; kernel weights and their sums over the "
+        "global batch", _stateless(S.y_aware_infonce_loss), _metadata_example,
+        {"temperature": (0.1, 0.3), "bandwidth": (1.0, 0.5)}, grad_argnums=(0, 1),
+        raw_argnums=(2,),
+    ),
+    LossSpec(
+        "byol_regression_loss", "similarity", {"quadra": "BYOLRegressionLoss"},
+        False, _MEAN, _stateless(S.byol_regression_loss), _two_views, symmetric=True,
+    ),
+    LossSpec(
+        "simsiam_loss", "similarity", {"quadra": "SimSIAMLoss"},
+        False, _MEAN, _stateless(S.simsiam_loss), _four_views, grad_argnums=(0, 1),
+    ),
+    LossSpec(
+        "idmm_loss", "classification", {"quadra": "IDMMLoss"},
+        False, _MEAN, _stateless(S.idmm_loss), _instance_example, {"smoothing": (0.1, 0.3)},
+        grad_argnums=(0,), raw_argnums=(1,),
+    ),
+    LossSpec(
+        "nnclr_loss", "contrastive", {},
+        True, "nearest neighbours from the replicated queue; predictions all-gathered; "
+        "global mean; global batch enqueued on every device", _queue_apply(S.nnclr_loss),
+        _bank_example, {"temperature": (0.1, 0.3)}, grad_argnums=(1,),
+    ),
+    LossSpec(
+        "ressl_loss", "contrastive", {},
+        True, "global mean; global keys enqueued on every device", _queue_apply(S.ressl_loss),
+        _bank_example, {"temperature_q": (0.1, 0.2), "temperature_k": (0.04, 0.07)},
+        grad_argnums=(0,),
+    ),
+    LossSpec(
+        "vibcreg_loss", "redundancy", {},
+        False, _STATS + " for all three terms", _stateless(S.vibcreg_loss), _two_views,
+        {"sim_loss_weight": (25.0, 10.0), "var_loss_weight": (25.0, 5.0),
+         "cov_loss_weight": (200.0, 100.0)}, min_batch=2, symmetric=True,
     ),
 )
 

@@ -28,6 +28,8 @@ __all__ = [
     "uniformity_loss",
     "hypersphere_loss",
     "koleo_loss",
+    "byol_regression_loss",
+    "simsiam_loss",
 ]
 
 
@@ -256,3 +258,76 @@ def koleo_loss(
         dist = jnp.where(pos, jnp.sum(jnp.where(pos[:, None], a, 1.0) ** p, axis=1) ** (1 / p),
                          0.0)
     return -_batch_mean(jnp.log(dist + eps), axis_name)
+
+
+# ---- issue 4 (part): quadra's BYOL regression and SimSiam losses ------------------------
+
+
+def byol_regression_loss(x: ArrayLike, y: ArrayLike, *, axis_name: AxisName = None) -> jax.Array:
+    r"""BYOL's regression loss ``2 − 2·mean cos(x, y)`` (quadra ``BYOLRegressionLoss``).
+
+    .. math:: L = \frac{1}{N}\sum_i \big\lVert \hat x_i - \hat y_i \big\rVert^2
+              = 2 - \frac{2}{N}\sum_i \langle \hat x_i, \hat y_i\rangle,
+              \qquad \hat x = x / \max(\lVert x\rVert, 10^{-12})
+
+    i.e. ``2 + 2 · negative_cosine_similarity(x, y, eps=1e-12)`` (``F.normalize``'s eps).
+    No stop-gradient (as quadra's loss; its BYOL module detaches the target ``y``): pass
+    ``lax.stop_gradient(target)`` and symmetrize the two views yourself.
+
+    Args:
+      x: ``[batch, dim]`` online predictions.
+      y: ``[batch, dim]`` targets (momentum encoder projections).
+      axis_name: optional axis; the mean over the global batch.
+
+    Returns:
+      Scalar loss in ``[0, 4]``.
+
+    References:
+      Grill et al., `Bootstrap Your Own Latent
+      <https://arxiv.org/abs/2006.07733>`_, 2020 (Eq. 2).
+    """
+    val.check_axis_name(axis_name)
+    xx = val.as_float_array(x, "x", ndim=2)
+    yy = val.as_float_array(y, "y", ndim=2)
+    val.check_same_shape(xx, yy, "x", "y")
+    return 2.0 + 2.0 * negative_cosine_similarity(xx, yy, axis=-1, eps=1e-12,
+                                                  axis_name=axis_name)
+
+
+def simsiam_loss(
+    p1: ArrayLike,
+    p2: ArrayLike,
+    z1: ArrayLike,
+    z2: ArrayLike,
+    *,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""The SimSiam loss in quadra's argument order (quadra ``SimSIAMLoss``).
+
+    .. math:: L = -\tfrac12\cos(p_1, \mathrm{sg}(z_2)) - \tfrac12\cos(p_2, \mathrm{sg}(z_1))
+
+    (batch means, cosine eps 1e-8) — exactly
+    ``sym_negative_cosine_similarity_loss((z1, p1), (z2, p2))``.
+
+    Args:
+      p1, p2: ``[batch, dim]`` predictions of the two views.
+      z1, z2: ``[batch, dim]`` projections of the two views; **stop-gradient** here.
+      axis_name: optional axis; the mean over the global batch.
+
+    Returns:
+      Scalar loss in ``[-1, 1]``.
+
+    Differences from quadra: quadra's ``SimSIAMLoss.forward`` does not detach ``z`` (its
+    SimSiam module passes ``z.detach()``); here the stop-gradient is part of the loss, as
+    in the paper.
+
+    References:
+      Chen and He, `Exploring Simple Siamese Representation Learning
+      <https://arxiv.org/abs/2011.10566>`_, 2021 (Algorithm 1).
+    """
+    arrays = [val.as_float_array(a, n, ndim=2)
+              for n, a in (("p1", p1), ("p2", p2), ("z1", z1), ("z2", z2))]
+    for n, a in zip(("p2", "z1", "z2"), arrays[1:], strict=True):
+        val.check_same_shape(arrays[0], a, "p1", n)
+    a_p1, a_p2, a_z1, a_z2 = arrays
+    return sym_negative_cosine_similarity_loss((a_z1, a_p1), (a_z2, a_p2), axis_name=axis_name)

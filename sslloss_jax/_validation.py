@@ -109,6 +109,26 @@ def concrete_scalar(value: object) -> float | None:
         return None
 
 
+def as_int_array(value: object, name: str, shape: tuple[int, ...], *, meaning: str,
+                 context: str) -> jax.Array:
+    """An integer array of exactly ``shape`` (class ids, region ids, positions).
+
+    ``meaning`` says what the integers are and ``context`` where ``shape`` comes from; both
+    appear in the error messages.
+    """
+    if isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be an array, got a {type(value).__name__}; use jnp.asarray({name})")
+    arr = jnp.asarray(value)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must have an integer dtype ({meaning}), got {arr.dtype} with shape "
+            f"{arr.shape}")
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({context}), got {arr.shape}")
+    return arr
+
+
 def check_int(value: object, name: str, minimum: int) -> int:
     """A static Python (or NumPy) integer >= ``minimum``, not a bool; returns it as ``int``."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,23 +13,55 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sslloss_jax._registry import LossSpec
+from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS, LossSpec
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 AUTO = jax.sharding.AxisType.Auto
+
+# ----------------------------------------------------------------------------- the matrix
+ALL_SPECS: tuple[LossSpec, ...] = (*LOSSES, *QUEUE_VARIANTS)
+#: The first registry entry of each family: the per-transform checks whose logic lives in
+#: shared helpers (collectives, wrappers) rather than in each loss run on these only.
+FAMILY_REPRESENTATIVES: tuple[LossSpec, ...] = tuple(
+    {s.family: s for s in reversed(ALL_SPECS)}[f] for f in dict.fromkeys(s.family
+                                                                       for s in ALL_SPECS))
+
+
+def matrix_specs() -> tuple[LossSpec, ...]:
+    """The registry entries the generic per-loss tests run on: all of them, or one per
+    family with ``SSLLOSS_TEST_MATRIX=families`` (CI's second, newest-JAX leg, which checks
+    compatibility while the first leg runs the whole matrix)."""
+    mode = os.environ.get("SSLLOSS_TEST_MATRIX", "full")
+    if mode not in ("full", "families"):
+        raise ValueError(f"SSLLOSS_TEST_MATRIX must be 'full' or 'families', got {mode!r}")
+    return ALL_SPECS if mode == "full" else FAMILY_REPRESENTATIVES
+
+
+def spec_params(specs) -> list:
+    return [pytest.param(s, id=s.id) for s in specs]
 
 
 # ----------------------------------------------------------------------------- fixtures
 @functools.cache
 def golden() -> tuple[list[dict], Mapping[str, np.ndarray]]:
-    """The float64 fixtures written by ``tests/golden/make_golden.py``."""
-    cases = json.loads((GOLDEN_DIR / "cases.json").read_text())
-    with np.load(GOLDEN_DIR / "golden.npz") as data:
-        arrays = {k: data[k] for k in data.files}
+    """The float64 fixtures of every set in ``tests/golden/``: ``cases.json`` +
+    ``golden.npz`` (written by ``make_golden.py``) and any ``cases_<set>.json`` +
+    ``golden_<set>.npz`` pair (written by ``make_golden_<set>.py``). Case names are unique
+    across sets."""
+    cases: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
+    for case_file in sorted(GOLDEN_DIR.glob("cases*.json")):
+        suffix = case_file.stem[len("cases"):]
+        cases += json.loads(case_file.read_text())
+        with np.load(GOLDEN_DIR / f"golden{suffix}.npz") as data:
+            arrays.update((k, data[k]) for k in data.files)
+    names = [c["case"] for c in cases]
+    assert len(names) == len(set(names)), "duplicate golden case names across sets"
     return cases, arrays
 
 
@@ -69,21 +102,39 @@ def make_mesh(n: int, names: tuple[str, ...] = ("data",), shape: tuple[int, ...]
                          devices=jax.devices()[:n])
 
 
-def _encoder_loss(spec: LossSpec, hyper: Mapping[str, Any]) -> Callable:
-    """``loss(W, xs, state, axis_name) -> (loss, new_state)`` with ``z_k = xs_k @ W``:
-    a linear encoder, so parameter gradients are checked as well as input gradients."""
+def split_raw(spec: LossSpec, batch: tuple) -> tuple[tuple, tuple]:
+    """``(encoded, raw)``: the batch arrays that go through the encoder (and get gradients)
+    and those passed as they are (``spec.raw_argnums``, e.g. integer labels)."""
+    raw = tuple(x for i, x in enumerate(batch) if i in spec.raw_argnums)
+    return tuple(x for i, x in enumerate(batch) if i not in spec.raw_argnums), raw
 
-    def loss(w, xs, state, axis_name=None):
-        return spec.apply(tuple(x @ w for x in xs), state, axis_name=axis_name, **hyper)
+
+def merge_raw(spec: LossSpec, encoded: tuple, raw: tuple) -> tuple:
+    """Inverse of :func:`split_raw`: the batch in the loss's argument order."""
+    enc, rw = iter(encoded), iter(raw)
+    n = len(encoded) + len(raw)
+    return tuple(next(rw) if i in spec.raw_argnums else next(enc) for i in range(n))
+
+
+def _encoder_loss(spec: LossSpec, hyper: Mapping[str, Any]) -> Callable:
+    """``loss(W, xs, raw, state, axis_name) -> (loss, new_state)`` with ``z_k = xs_k @ W``:
+    a linear encoder, so parameter gradients are checked as well as input gradients.
+    ``raw`` (see :func:`split_raw`) reaches the loss unchanged."""
+
+    def loss(w, xs, raw, state, axis_name=None):
+        batch = merge_raw(spec, tuple(x @ w for x in xs), raw)
+        return spec.apply(batch, state, axis_name=axis_name, **hyper)
 
     return loss
 
 
 def reference_run(spec: LossSpec, w, xs, state, hyper):
-    """Single device, global batch: ``(loss, new_state, (dW, dxs))``."""
+    """Single device, global batch: ``(loss, new_state, (dW, dxs))`` (``dxs`` for the
+    encoded batch arrays only)."""
     f = _encoder_loss(spec, hyper)
+    xs, raw = split_raw(spec, xs)
     (loss, new_state), grads = jax.jit(
-        jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(w, xs, state)
+        jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(w, xs, raw, state)
     return loss, new_state, grads
 
 
@@ -91,18 +142,19 @@ def sharded_run(spec: LossSpec, w, xs, state, hyper, mesh, axis_name):
     """``jax.shard_map`` recipe: ``jax.grad`` inside, no gradient reduction at all."""
     f = _encoder_loss(spec, hyper)
     batch_spec = P(axis_name)
+    xs, raw = split_raw(spec, xs)
 
-    def step(w, xs, state):
+    def step(w, xs, raw, state):
         (loss, new_state), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-            w, xs, state, axis_name)
+            w, xs, raw, state, axis_name)
         return loss, new_state, grads
 
     fn = jax.shard_map(
         step, mesh=mesh,
-        in_specs=(P(), batch_spec, P()),
+        in_specs=(P(), batch_spec, batch_spec, P()),
         out_specs=(P(), P(), (P(), batch_spec)),
     )
-    return jax.jit(fn)(w, xs, state)
+    return jax.jit(fn)(w, xs, raw, state)
 
 
 def mapped_run(spec: LossSpec, w, xs, state, hyper, n, mapper: str, axis_name="data"):
@@ -111,23 +163,24 @@ def mapped_run(spec: LossSpec, w, xs, state, hyper, n, mapper: str, axis_name="d
     divided by it)."""
     f = _encoder_loss(spec, hyper)
 
-    def step(w, xs, state):
+    def step(w, xs, raw, state):
         (loss, new_state), (gw, gx) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-            w, xs, state, axis_name)
+            w, xs, raw, state, axis_name)
         gw = lax.pmean(gw, axis_name)
         gx = jax.tree.map(lambda g: g / lax.axis_size(axis_name), gx)
         return loss, new_state, (gw, gx)
 
     split = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), xs)
+    split, raw = split_raw(spec, split)
     # The replicated state is closed over rather than passed with in_axes=None: pmap
     # mis-flattens in_axes when a positional argument is None (seen on jax 0.10-0.12).
-    stepped = lambda w, xs: step(w, xs, state)
+    stepped = lambda w, xs, raw: step(w, xs, raw, state)
     if mapper == "pmap":
-        mapped = jax.pmap(stepped, axis_name=axis_name, in_axes=(None, 0),
+        mapped = jax.pmap(stepped, axis_name=axis_name, in_axes=(None, 0, 0),
                           devices=jax.devices()[:n])
     else:
-        mapped = jax.vmap(stepped, axis_name=axis_name, in_axes=(None, 0))
-    loss, new_state, (gw, gx) = mapped(w, split)
+        mapped = jax.vmap(stepped, axis_name=axis_name, in_axes=(None, 0, 0))
+    loss, new_state, (gw, gx) = mapped(w, split, raw)
     merge = lambda x: x.reshape(-1, *x.shape[2:])
     first = lambda t: jax.tree.map(lambda x: x[0], t)
     # every participant must hold the same loss, parameter gradient and state
@@ -149,8 +202,9 @@ def distributed_inputs(spec: LossSpec, *, global_batch=16, d_in=6, d_out=5, seed
     w = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
     if ex.state is not None:  # rebuild state / replicated inputs for the output dimension
         ex = spec.example(np.random.default_rng(seed), global_batch, d_out)
-        ex = type(ex)(tuple(rng.standard_normal((*x.shape[:-1], d_in)).astype(np.float32)
-                            for x in ex.batch), ex.state)
+        ex = type(ex)(tuple(x if i in spec.raw_argnums else
+                            rng.standard_normal((*x.shape[:-1], d_in)).astype(np.float32)
+                            for i, x in enumerate(ex.batch)), ex.state)
     return w, tuple(jnp.asarray(x) for x in ex.batch), ex.state
 
 

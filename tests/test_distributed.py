@@ -1,22 +1,25 @@
-"""Distributed equivalence: every loss under shard_map (1 and 8 devices), pmap and named
-vmap (4 participants) gives the loss, the gradients (encoder weights and inputs) and the
-new state of one device holding the global batch; one loss per family also runs under
-shard_map on 2 and 4 devices, on a 2-D mesh with a tuple axis name, and under jit on
+"""Distributed equivalence: every loss under shard_map (1 and 8 devices) gives the loss,
+the gradients (encoder weights and inputs) and the new state of one device holding the
+global batch; one loss per family also runs under shard_map on 2 and 4 devices, pmap and
+named vmap (4 participants), on a 2-D mesh with a tuple axis name, and under jit on
 batch-sharded inputs."""
 
 import pytest
 
-from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS, get
-from tests._harness import assert_distributed_equivalent
+from sslloss_jax._registry import get
+from tests._harness import (
+    FAMILY_REPRESENTATIVES,
+    assert_distributed_equivalent,
+    matrix_specs,
+    spec_params,
+)
 
-SPECS = [pytest.param(s, id=s.id) for s in (*LOSSES, *QUEUE_VARIANTS)]
-# The other device counts, the 2-D mesh and the jit-on-sharded-inputs paths exercise the
-# collectives helpers rather than per-loss logic: one loss per family keeps the suite short
-# (every loss still runs with 1, 4 and 8 participants: shard_map, pmap and named vmap).
-_FAMILY_REPS = {}
-for _s in (*LOSSES, *QUEUE_VARIANTS):
-    _FAMILY_REPS.setdefault(_s.family, _s)
-REPRESENTATIVES = [pytest.param(s, id=s.id) for s in _FAMILY_REPS.values()]
+SPECS = spec_params(matrix_specs())
+# The other device counts, pmap and named vmap, the 2-D mesh and the jit-on-sharded-inputs
+# paths exercise the collectives helpers and the transforms rather than per-loss logic:
+# one loss per family keeps the suite short (every loss still runs under shard_map on 1
+# and 8 devices).
+REPRESENTATIVES = spec_params(FAMILY_REPRESENTATIVES)
 
 
 @pytest.mark.parametrize("n", [1, 8])
@@ -37,7 +40,7 @@ def test_shard_map_tuple_axis_name(spec):
 
 
 @pytest.mark.parametrize("mode", ["pmap", "vmap"])
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", REPRESENTATIVES)
 def test_pmap_and_named_vmap(spec, mode):
     assert_distributed_equivalent(spec, mode, 4)
 

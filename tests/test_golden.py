@@ -375,3 +375,89 @@ def test_wmse_train_then_eval(case):
                                train=False)
         np.testing.assert_allclose(whitened, golden_array(case, "eval_whitened"), rtol=RTOL,
                                    atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- issue 4 (part)
+# VICRegL, DetCon-B/S, DirectCLR, MACL, MMCR, FroSSL, EMP-SSL (lightly, single step).
+EXTRA = golden_cases("vicregl", "detcon_b", "detcon_s", "directclr", "macl", "mmcr", "frossl",
+                     "emp_ssl")
+
+
+def _numbered(named, prefix):
+    """``named[prefix0], named[prefix1], ...`` in index order."""
+    count = sum(1 for k in named if k.startswith(prefix) and k[len(prefix):].isdigit())
+    return [named[f"{prefix}{i}"] for i in range(count)]
+
+
+def _vicregl_views(case, named):
+    vg = case["n_global"]
+    feats = list(zip(_numbered(named, "g"), _numbered(named, "l"), strict=True))
+    grids = _numbered(named, "grid")
+    return feats[:vg], grids[:vg], feats[vg:] or None, grids[vg:] or None
+
+
+def _vicregl_kwargs(case):
+    kw = dict(case["kwargs"])
+    if "num_matches" in kw:
+        kw["num_matches"] = tuple(kw["num_matches"])
+    return kw
+
+
+def _extra_call(case):
+    kw = dict(case["kwargs"])
+    loss = case["loss"]
+    if loss == "vicregl":
+        kw = _vicregl_kwargs(case)
+        return lambda n: S.vicregl_loss(*_vicregl_views(case, n), **kw)
+    if loss in ("detcon_b", "detcon_s"):
+        fn = S.detcon_b_loss if loss == "detcon_b" else S.detcon_s_loss
+        views = [k for k in case["inputs"] if not k.startswith("mask")]
+        return lambda n: fn(*(n[k] for k in views), n["mask_view0"].astype(jnp.int32),
+                            n["mask_view1"].astype(jnp.int32), **kw)
+    if loss in ("frossl", "emp_ssl"):
+        fn = S.frossl_loss if loss == "frossl" else S.emp_ssl_loss
+        return lambda n: fn(_numbered(n, "z"), **kw)
+    fn = {"directclr": S.directclr_loss, "macl": S.macl_loss, "mmcr": S.mmcr_loss}[loss]
+    return lambda n: fn(*(n[k] for k in case["inputs"]), **kw)
+
+
+def _extra_terms(case):
+    """``f(named) -> (terms, expected names)`` for the families whose parts lightly exposes:
+    VICRegL's unweighted global terms and local loss (L2 + location), EMP-SSL's two terms."""
+    if case["loss"] == "vicregl":
+        kw = {k: v for k, v in _vicregl_kwargs(case).items() if k != "alpha"}
+
+        def vicregl(n):
+            t = S.vicregl_terms(*_vicregl_views(case, n), **kw)
+            return [t.invariance, t.variance, t.covariance, t.local_l2 + t.local_location]
+
+        return vicregl, ("invariance", "variance", "covariance", "local_loss")
+    if case["loss"] == "emp_ssl":
+        eps = case["kwargs"]["tcr_eps"]
+        return (lambda n: list(S.emp_ssl_terms(_numbered(n, "z"), tcr_eps=eps)),
+                ("coding_rate", "invariance"))
+    return (lambda n: []), ()
+
+
+@pytest.mark.parametrize("case", EXTRA, ids=[c["case"] for c in EXTRA])
+def test_extra_value_grads_and_terms(case):
+    """Value, gradients (except where ``skip_grads``: any subgradient is valid there) and,
+    where lightly exposes them, the loss's parts; one compilation per case."""
+    with jax.enable_x64(True):
+        named = {n: jnp.asarray(golden_array(case, n)) for n in case["inputs"]}
+        f = _extra_call(case)
+        terms, term_names = _extra_terms(case)
+        diff = {n: named[n] for n in case["grads"]}
+
+        def loss_and_terms(d):
+            full = {**named, **d}
+            return f(full), terms(full)
+
+        (loss, parts), grads = jax.jit(jax.value_and_grad(loss_and_terms, has_aux=True))(diff)
+        assert loss.dtype == jnp.float64 and loss.shape == ()
+        np.testing.assert_allclose(loss, golden_array(case, "loss"), rtol=RTOL, atol=1e-12)
+        if not case.get("skip_grads"):
+            expected = {n: golden_array(case, f"grad_{n}") for n in case["grads"]}
+            assert_tree_close(grads, expected, rtol=RTOL, atol=scaled_atol(expected, RTOL))
+        assert_tree_close(parts, [golden_array(case, n) for n in term_names], rtol=RTOL,
+                          atol=1e-12)

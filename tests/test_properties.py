@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS
-from tests._harness import assert_tree_close
+from tests._harness import assert_tree_close, matrix_specs, spec_params
 
-SPECS = [pytest.param(s, id=s.id) for s in (*LOSSES, *QUEUE_VARIANTS)]
+SPECS = spec_params(matrix_specs())
 
 
 def _example(spec, batch=8, dim=6, seed=0, dtype=np.float32):
+    """The example batch cast to ``dtype``, except the raw (label) arrays."""
     ex = spec.example(np.random.default_rng(seed), batch, dim)
-    return tuple(jnp.asarray(x, dtype) for x in ex.batch), ex.state
+    return tuple(jnp.asarray(x) if i in spec.raw_argnums else jnp.asarray(x, dtype)
+                 for i, x in enumerate(ex.batch)), ex.state
 
 
 def _loss_fn(spec, state, **hyper):
@@ -85,13 +86,14 @@ def test_dtype_policy(spec, dtype):
     for i, g in zip(argnums, grads):
         assert g.dtype == batch[i].dtype
         assert np.all(np.isfinite(np.asarray(g, np.float32)))
-    ref = f(*(x.astype(jnp.float32) for x in batch))
+    ref = f(*(x if i in spec.raw_argnums else x.astype(jnp.float32)
+              for i, x in enumerate(batch)))
     np.testing.assert_allclose(loss, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_float64_in_float64_out():
     with jax.enable_x64(True):
-        for spec in LOSSES:
+        for spec in matrix_specs():
             batch, state = _example(spec, dtype=np.float64)
             loss = jax.jit(lambda b, s, spec=spec: spec.apply(b, s)[0])(batch, state)
             assert loss.dtype == jnp.float64, spec.name
@@ -125,6 +127,9 @@ def test_degenerate_inputs_are_finite(spec, dtype):
     first = np.asarray(raw[0])
     stacked = []
     for i, x in enumerate(raw):
+        if i in spec.raw_argnums:  # labels stay as they are
+            stacked.append(jnp.stack([x] * len(kinds)))
+            continue
         per_kind = []
         for kind in kinds:
             y = DEGENERATE[kind](np.asarray(x), i)

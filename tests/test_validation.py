@@ -35,7 +35,7 @@ def test_integer_inputs(spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_wrong_rank(spec):
     batch, state = _batch(spec)
-    batch = [x[:, 0] for x in batch]
+    batch = [x if i in spec.raw_argnums else x[:, 0] for i, x in enumerate(batch)]
     with pytest.raises(ValueError, match=r"rank.*" + re.escape(str(batch[0].shape))):
         _apply_jit(spec, batch, state)
 
