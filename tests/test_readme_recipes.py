@@ -141,3 +141,22 @@ def test_swav_queue_recipe_under_shard_map_equals_one_device():
     # no compilation once the queue state has its steady sharding (after the first step;
     # the replicated output differs from the freshly built queue's placement)
     assert compiled[1:] == [compiled[1]] * 3
+
+
+def test_flax_section_runs_and_matches_the_pure_function():
+    """The README's NNX and Linen snippets: the wrappers update the DINO center as
+    dino_loss does, and update=False leaves it alone."""
+    rng = np.random.default_rng(2)
+    k = 65536
+    teacher = [jnp.asarray(rng.standard_normal((2, k)), jnp.float32) for _ in range(2)]
+    student = teacher + [jnp.asarray(rng.standard_normal((2, k)), jnp.float32)]
+    temp = jnp.float32(0.05)
+    ns = _recipes("Flax and optax", teacher_out=teacher, student_out=student, temp=temp,
+                  key=jax.random.key(0))
+    expected, state = S.dino_loss(teacher, student, S.init_dino_state(k), teacher_temp=temp)
+    np.testing.assert_allclose(ns["loss"], S.dino_loss(teacher, student, S.init_dino_state(k))[0],
+                               rtol=1e-6)  # the Linen call (default temperature) ran last
+    center = ns["loss_fn"].loss_state.get_value().center  # NNX: one update, then eval
+    np.testing.assert_allclose(center, state.center, rtol=1e-6, atol=1e-8)
+    linen_center = ns["variables"]["loss_state"]["state"].center
+    np.testing.assert_allclose(linen_center, state.center, rtol=1e-6, atol=1e-8)
