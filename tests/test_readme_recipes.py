@@ -160,3 +160,23 @@ def test_flax_section_runs_and_matches_the_pure_function():
     np.testing.assert_allclose(center, state.center, rtol=1e-6, atol=1e-8)
     linen_center = ns["variables"]["loss_state"]["state"].center
     np.testing.assert_allclose(linen_center, state.center, rtol=1e-6, atol=1e-8)
+
+
+def test_more_recipes_run():
+    """The README's "More recipes" block with small inputs: finite losses, and the
+    learnable scales of CLIP and SigLIP receive gradients."""
+    rng = np.random.default_rng(3)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    b, d = 6, 8
+    ns = _recipes("More recipes", jax=jax, jnp=jnp, ssl=S, B=b, z_view1=arr(b, d),
+                  z_view2=arr(b, d), z_view3=arr(b, d), img=arr(b, d), txt=arr(b, d),
+                  local_views=[arr(b, d)], global_views=[arr(b, d), arr(b, d)],
+                  key=jax.random.key(0), step=3, q1=arr(b, d), q2=arr(b, d), k1=arr(b, d),
+                  k2=arr(b, d))
+    for name in ("loss", "clip", "siglip", "lejepa", "mocov3", "emp_lightly"):
+        assert np.isfinite(float(ns[name])), name
+    grads = jax.grad(lambda sc: ns["ssl"].clip_loss(ns["img"], ns["txt"],
+                                                     logit_scale=jnp.exp(sc["log_scale"]))
+                     + ns["ssl"].siglip_loss(ns["img"], ns["txt"], t=sc["t"], b=sc["b"]))(
+        ns["scales"])
+    assert all(float(jnp.abs(g)) > 0 for g in jax.tree.leaves(grads))
