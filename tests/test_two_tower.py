@@ -181,7 +181,7 @@ def _both(a, b):
 
 def test_jit_matches_eager_and_traced_scale_does_not_retrace():
     a, b = _towers()
-    np.testing.assert_allclose(jax.jit(_both)(a, b), _both(a, b), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(_both)(a, b), _both(a, b), rtol=1e-5, atol=1e-7)
     traces = []
 
     @jax.jit
