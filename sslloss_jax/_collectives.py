@@ -59,23 +59,32 @@ def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
     return lax.all_gather(x, axis_name, axis=0, tiled=True)
 
 
-def all_gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    """Like :func:`all_gather` for values that carry no gradient (state updates).
+def psum_gather(x: jax.Array, axis_name: AxisName, axis: int = 0) -> jax.Array:
+    """Every participant's ``x`` concatenated along ``axis`` (in ``axis_index`` order), as
+    a ``psum`` of zero-padded blocks.
 
-    The result is provably identical on every participant (a ``psum`` of zero-padded
-    blocks), so it can be returned with a replicated ``out_specs=P()`` from a
-    ``shard_map`` with ``check_vma=True`` on every supported JAX version and also works
-    under ``pmap`` and named ``vmap``. Only meant for small arrays such as a batch that
-    is enqueued into a memory bank.
+    Unlike :func:`all_gather`, the result is provably identical on every participant, so it
+    can be returned with a replicated ``out_specs=P()`` from a ``shard_map`` with
+    ``check_vma=True`` on every supported JAX version, and it also works under ``pmap`` and
+    named ``vmap``. Differentiable: under ``shard_map`` the transpose hands every
+    participant the (replicated) cotangent of its own block, under ``pmap``/named ``vmap``
+    ``axis_size`` times that (the usual recipe). Meant for small arrays (it communicates
+    the whole result).
     """
-    x = lax.stop_gradient(x)
     if axis_name is None:
         return x
-    n = axis_size(axis_name)
-    b = x.shape[0]
-    full = jnp.zeros((n * b, *x.shape[1:]), x.dtype)
-    full = lax.dynamic_update_slice_in_dim(full, x, axis_index(axis_name) * b, axis=0)
+    b = x.shape[axis]
+    shape = list(x.shape)
+    shape[axis] = axis_size(axis_name) * b
+    full = jnp.zeros(shape, x.dtype)
+    full = lax.dynamic_update_slice_in_dim(full, x, axis_index(axis_name) * b, axis=axis)
     return lax.psum(full, axis_name)
+
+
+def all_gather_invariant(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """:func:`psum_gather` along axis 0 for values that carry no gradient (state updates,
+    e.g. a batch enqueued into a memory bank)."""
+    return psum_gather(lax.stop_gradient(x), axis_name)
 
 
 def psum(x, axis_name: AxisName):

@@ -20,7 +20,6 @@ from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._numerics import l2_normalize, safe_norm, safe_sqrt, upcast
 from sslloss_jax._types import ArrayLike, AxisName
-from sslloss_jax._whitening import _check_int, _check_key, _gather_views
 
 __all__ = ["patch_kernel_alignment_loss", "dse_regularizer", "roi_resample_to_grid"]
 
@@ -124,7 +123,7 @@ def patch_kernel_alignment_loss(
     else:
         valid = jnp.ones((b, n), bool)
     if max_tokens is not None:
-        max_tokens = _check_int(max_tokens, "max_tokens", 2)
+        max_tokens = val.check_int(max_tokens, "max_tokens", 2)
     student, teacher = upcast(student, teacher)
     teacher = lax.stop_gradient(teacher)
     dtype = student.dtype
@@ -136,7 +135,7 @@ def patch_kernel_alignment_loss(
                 raise ValueError(f"scores must have shape {(b, n)}, got {s.shape}")
             s = s.astype(dtype)
         elif key is not None:
-            _check_key(key)
+            val.check_key(key)
             full = jax.random.uniform(key, (b * coll.axis_size(axis_name), n), dtype)
             s = lax.dynamic_slice_in_dim(full, coll.axis_index(axis_name) * b, b, axis=0)
         else:
@@ -317,16 +316,16 @@ def dse_regularizer(
     """
     val.check_axis_name(axis_name)
     val.check_in_range(weight, "weight", 0.0, None)
-    local_clusters = _check_int(local_clusters, "local_clusters", 1)
-    global_clusters = _check_int(global_clusters, "global_clusters", 1)
-    max_kmeans_iters = _check_int(max_kmeans_iters, "max_kmeans_iters", 1)
+    local_clusters = val.check_int(local_clusters, "local_clusters", 1)
+    global_clusters = val.check_int(global_clusters, "global_clusters", 1)
+    max_kmeans_iters = val.check_int(max_kmeans_iters, "max_kmeans_iters", 1)
     tol_v = val.concrete_scalar(tol)
     if tol_v is None or not math.isfinite(tol_v) or tol_v <= 0:
         raise ValueError(f"tol must be a finite Python number > 0, got {tol!r}")
     reps = val.as_float_array(representations, "representations", ndim=3)
     (reps,) = upcast(reps)
     if axis_name is not None:
-        reps = jnp.swapaxes(_gather_views(jnp.swapaxes(reps, 0, 1), axis_name), 0, 1)
+        reps = coll.psum_gather(reps, axis_name)
     b, n, d = reps.shape
     g = max(global_clusters // local_clusters, 1)
     starts = list(range(0, b, g))
@@ -347,7 +346,7 @@ def dse_regularizer(
             "kmeans_init"
         )
     if key is not None:
-        _check_key(key)
+        val.check_key(key)
 
     if normalize:
         reps = l2_normalize(reps, axis=-1)
@@ -494,8 +493,8 @@ def roi_resample_to_grid(
             f"boxes batch size {bx.shape[0]} does not match feature_map batch size "
             f"{fm.shape[0]} (shapes {bx.shape} and {fm.shape})"
         )
-    out_h = _check_int(out_h, "out_h", 1)
-    out_w = _check_int(out_w, "out_w", 1)
+    out_h = val.check_int(out_h, "out_h", 1)
+    out_w = val.check_int(out_w, "out_w", 1)
     if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool):
         raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     fm, bx = upcast(fm, bx)

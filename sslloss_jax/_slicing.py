@@ -23,7 +23,6 @@ from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._numerics import compute_dtype, l2_normalize, safe_sqrt, upcast
 from sslloss_jax._types import ArrayLike, AxisName
-from sslloss_jax._whitening import _check_int, _check_key, _gather_views
 
 __all__ = ["sigreg", "lejepa_loss", "lewm_loss", "VISRegTerms", "visreg_terms", "visreg_loss"]
 
@@ -61,14 +60,14 @@ def unit_slices(key: jax.Array | None, slices: ArrayLike | None, dim: int, num: 
                 "key is required to draw the random slices; pass a PRNG key (the same on "
                 "every device) or an explicit slices matrix"
             )
-        _check_key(key)
+        val.check_key(key)
         a = jax.random.normal(key, (dim, num), dtype)
     return lax.stop_gradient(l2_normalize(a, axis=0))
 
 
 def _check_sigreg_params(knots: object, t_max: ArrayLike, num: object, num_name: str):
-    knots = _check_int(knots, "knots", 2)
-    num = _check_int(num, num_name, 1)
+    knots = val.check_int(knots, "knots", 2)
+    num = val.check_int(num, num_name, 1)
     tm = val.concrete_scalar(t_max)
     if tm is None or not np.isfinite(tm) or tm <= 0:
         raise ValueError(f"t_max must be a finite Python number greater than zero, got {t_max!r}")
@@ -462,14 +461,14 @@ def visreg_terms(
                     ("lambda_center", lambda_center)):
         val.check_in_range(w, name, 0.0, None)
     val.check_in_range(eps, "eps", 0.0, None, low_inclusive=False)
-    num_slices = _check_int(num_slices, "num_slices", 1)
+    num_slices = val.check_int(num_slices, "num_slices", 1)
     glob = _as_views(global_proj, "global_proj")
     local = _local_views_maybe_empty(local_proj, glob)
     n_global = glob.shape[1] * coll.axis_size(axis_name)
     val.check_min_batch(n_global, 2, "VISReg (standard deviation over the batch)", glob.shape)
     dtype = compute_dtype(local, glob)
     local, glob = local.astype(dtype), glob.astype(dtype)
-    z = _gather_views(jnp.concatenate([glob, local], axis=0), axis_name)  # [V, N, D]
+    z = coll.psum_gather(jnp.concatenate([glob, local], axis=0), axis_name, axis=1)  # [V, N, D]
     pred = _invariance(z, z[: glob.shape[0]], None)
 
     mean = jnp.mean(z, axis=-2, keepdims=True)

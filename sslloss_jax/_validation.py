@@ -129,6 +129,21 @@ def as_int_array(value: object, name: str, shape: tuple[int, ...], *, meaning: s
     return arr
 
 
+def check_key(key: object) -> None:
+    """A single PRNG key: a typed key (``jax.random.key``) or a legacy ``uint32[2]``."""
+    dtype = getattr(key, "dtype", None)
+    shape = tuple(getattr(key, "shape", ()))
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape:
+            raise ValueError(f"key must be a single PRNG key, got shape {shape}")
+        return
+    if dtype is None or jnp.dtype(dtype) != jnp.uint32 or len(shape) != 1:
+        raise TypeError(
+            "key must be a PRNG key (jax.random.key(seed) or a legacy uint32 key), got "
+            f"{type(key).__name__} with dtype {dtype} and shape {shape}"
+        )
+
+
 def check_int(value: object, name: str, minimum: int) -> int:
     """A static Python (or NumPy) integer >= ``minimum``, not a bool; returns it as ``int``."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:

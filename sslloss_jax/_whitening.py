@@ -71,7 +71,6 @@ def _check_state(state: WMSEState, dim: int, name: str = "state") -> None:
             raise TypeError(f"{name}.{field} must be floating, got {dt}")
 
 
-_check_int = val.check_int
 
 
 def _scalar(value: ArrayLike, dtype) -> jax.Array:
@@ -206,36 +205,6 @@ def _views(x, num_samples: int) -> list[jax.Array]:
     return [arr[i * b : (i + 1) * b] for i in range(num_samples)]
 
 
-def _gather_views(xs: jax.Array, axis_name: AxisName) -> jax.Array:
-    """``[V, b, D]`` local views -> ``[V, n·b, D]`` global views (device-major rows).
-
-    A ``psum`` of zero-padded blocks: the result is provably identical on every device
-    (invariant under ``shard_map``'s ``check_vma``), and it is differentiable: under
-    ``shard_map`` its transpose hands every device the (replicated) cotangent of its own
-    block, under ``pmap``/named ``vmap`` ``axis_size`` times that (the usual recipe).
-    """
-    if axis_name is None:
-        return xs
-    n, b = coll.axis_size(axis_name), xs.shape[1]
-    full = jnp.zeros((xs.shape[0], n * b, xs.shape[2]), xs.dtype)
-    full = lax.dynamic_update_slice_in_dim(full, xs, coll.axis_index(axis_name) * b, axis=1)
-    return lax.psum(full, axis_name)
-
-
-def _check_key(key: object) -> None:
-    dtype = getattr(key, "dtype", None)
-    shape = tuple(getattr(key, "shape", ()))
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        if shape:
-            raise ValueError(f"key must be a single PRNG key, got shape {shape}")
-        return
-    if dtype is None or jnp.dtype(dtype) != jnp.uint32 or len(shape) != 1:
-        raise TypeError(
-            "key must be a PRNG key (jax.random.key(seed) or a legacy uint32 key), got "
-            f"{type(key).__name__} with dtype {dtype} and shape {shape}"
-        )
-
-
 def _check_permutations(permutations: ArrayLike, w_iter: int, batch: int) -> jax.Array:
     if isinstance(permutations, (list, tuple)):
         permutations = np.asarray(permutations)
@@ -360,12 +329,12 @@ def wmse_loss(
       <https://arxiv.org/abs/2007.06346>`_, 2021.
     """
     _check_hyper(momentum, eps, axis_name)
-    num_samples = _check_int(num_samples, "num_samples", 2)
+    num_samples = val.check_int(num_samples, "num_samples", 2)
     views = _views(x, num_samples)
     local = views[0].shape
-    embedding_dim = _check_int(embedding_dim, "embedding_dim", 1)
-    w_iter = _check_int(w_iter, "w_iter", 1)
-    w_size = _check_int(w_size, "w_size", 1)
+    embedding_dim = val.check_int(embedding_dim, "embedding_dim", 1)
+    w_iter = val.check_int(w_iter, "w_iter", 1)
+    w_size = val.check_int(w_size, "w_size", 1)
     if local[1] != embedding_dim:
         raise ValueError(
             f"x must have embedding_dim={embedding_dim} features, got views of shape {local}"
@@ -391,7 +360,7 @@ def wmse_loss(
     if permutations is not None:
         perms = _check_permutations(permutations, w_iter, b_global)
     elif key is not None:
-        _check_key(key)
+        val.check_key(key)
     if use_batch and perms is None and groups > 1:
         if key is None:
             raise ValueError(
@@ -404,7 +373,7 @@ def wmse_loss(
     xs = jnp.stack(upcast(*views))  # [V, b, D]
     dtype = xs.dtype
     m, e = _scalar(momentum, dtype), _scalar(eps, dtype)
-    xg = _gather_views(xs, axis_name)  # [V, B, D], replicated
+    xg = coll.psum_gather(xs, axis_name, axis=1)  # [V, B, D], replicated
     v, d = num_samples, embedding_dim
 
     if not use_batch:  # eval: the running statistics whiten every sub-batch alike
