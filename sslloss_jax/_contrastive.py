@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sslloss_jax import _collectives as coll
+from sslloss_jax import _tiled as tiled
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, check_memory_bank, memory_bank_enqueue
 from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
@@ -103,28 +104,41 @@ def _two_view_contrastive(
     *,
     exclude_positive: bool,
     pos_weight: jax.Array | None = None,
-    symmetric_vjp: bool = True,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
     """Mean over the 2N global anchors of ``lse_{j ∈ cand(i)} s_ij/τ − w_i·s_i,pos/τ``.
 
     Anchors are the local rows of ``[z0; z1]``; candidates are all 2N global rows of
     ``[z0_all; z1_all]`` except the anchor itself (and, if ``exclude_positive``, except its
     positive, which gives DCL's decoupled denominator). ``pos_weight`` (shape [2B])
-    multiplies the positive term. Logits are only ever (2B, 2N): local rows against
-    gathered columns. On one device (``axis_name=None``) the symmetric custom VJP of
-    :func:`_self_lse` is used unless ``symmetric_vjp=False``.
+    multiplies the positive term. Dense: logits are only ever (2B, 2N), local rows against
+    gathered columns; on one device the symmetric custom VJP of :func:`_self_lse`. Tiled
+    (``implementation``): :mod:`sslloss_jax._tiled`, the symmetric kernel on one device and
+    the ring under ``axis_name``.
     """
+    tiled.check_implementation(implementation, block_size)
     b = z0.shape[0]
+    n = b * coll.axis_size(axis_name)
     anchors = jnp.concatenate([z0, z1], axis=0)  # (2B, D)
     t = jnp.asarray(temperature, anchors.dtype)
-    if axis_name is None and symmetric_vjp:
+    rows = jnp.arange(2 * b, dtype=jnp.int32)
+    view = rows // b
+    sample = coll.axis_index(axis_name) * b + rows % b  # global sample index of each anchor
+    if tiled.use_tiled(implementation, 2 * b, 2 * n, axis_name):
+        ids = tiled.Rows(ids=view * n + sample, pos=(1 - view) * n + sample)
+        if axis_name is None:
+            lse, _ = tiled.tiled_self_lse(anchors, 1.0 / t, ids, exclude_pos=exclude_positive,
+                                          block_size=block_size)
+        else:
+            lse, _ = tiled.tiled_lse(anchors / t, anchors, ids, tiled.Rows(ids=ids.ids),
+                                     exclude_self=True, exclude_pos=exclude_positive,
+                                     block_size=block_size, axis_name=axis_name)
+    elif axis_name is None:
         lse = _self_lse(anchors, t, exclude_positive)
     else:
-        n = b * coll.axis_size(axis_name)
         keys = jnp.concatenate([coll.all_gather(z0, axis_name), coll.all_gather(z1, axis_name)])
-        rows = jnp.arange(2 * b, dtype=jnp.int32)
-        sample = coll.axis_index(axis_name) * b + rows % b  # global sample index of each anchor
-        mask = _candidates(rows, rows // b, sample, n, exclude_positive)
+        mask = _candidates(rows, view, sample, n, exclude_positive)
         lse = masked_logsumexp((anchors @ keys.T) / t, mask, axis=1)
 
     pos = jnp.sum(z0 * z1, axis=1) / t  # (B,)
@@ -139,6 +153,8 @@ def ntxent_loss(
     out1: ArrayLike,
     *,
     temperature: ArrayLike = 0.5,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""NT-Xent (normalized temperature-scaled cross entropy), the SimCLR loss.
@@ -162,6 +178,14 @@ def ntxent_loss(
       axis_name: if set, ``out0``/``out1`` are this device's shard and negatives come from
         the global batch (``all_gather``); the returned loss is the global mean, identical
         on every device.
+      implementation: ``"auto"`` (default), ``"dense"`` or ``"tiled"`` (static). Dense
+        materializes the logits of the local rows against the global batch; tiled computes
+        them in ``block_size × block_size`` tiles with a custom VJP, so memory (forward and
+        backward) grows linearly with the batch, and under ``axis_name`` passes the key
+        blocks around a ring of devices (``lax.ppermute``) instead of gathering them.
+        ``"auto"`` picks tiled above 4096² logits per device. Both give the same value and
+        gradients to float round-off.
+      block_size: tile edge of the tiled path (static; default 1024).
 
     Returns:
       Scalar loss (float32, or float64 for float64 inputs): the mean over the 2N global
@@ -178,7 +202,8 @@ def ntxent_loss(
     """
     val.check_temperature(temperature)
     z0, z1 = _check_pair(out0, out1, axis_name)
-    return _two_view_contrastive(z0, z1, temperature, axis_name, exclude_positive=False)
+    return _two_view_contrastive(z0, z1, temperature, axis_name, exclude_positive=False,
+                                 implementation=implementation, block_size=block_size)
 
 
 def ntxent_memory_bank_loss(
@@ -188,6 +213,8 @@ def ntxent_memory_bank_loss(
     *,
     temperature: ArrayLike = 0.5,
     update: bool = True,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, MemoryBankState]:
     r"""NT-Xent against a memory bank of negatives (MoCo semantics, as lightly).
@@ -212,6 +239,9 @@ def ntxent_memory_bank_loss(
       axis_name: if set, the loss is the global mean and the enqueued batch is the
         gathered global batch, so replicated banks stay identical.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`ntxent_loss`.
     Returns:
       ``(loss, new_bank)``.
 
@@ -223,10 +253,17 @@ def ntxent_memory_bank_loss(
     val.check_temperature(temperature)
     z0, z1 = _check_pair(out0, out1, axis_name)
     check_memory_bank(bank, z0.shape[1])
+    tiled.check_implementation(implementation, block_size)
     negatives = lax.stop_gradient(bank.bank).astype(z0.dtype)
     pos = jnp.sum(z0 * z1, axis=1) / temperature
+    # the bank is replicated: each device scores its queries against all of it, locally
+    if tiled.use_tiled(implementation, z0.shape[0], negatives.shape[0], None):
+        neg_lse, _ = tiled.tiled_lse(z0 / temperature, negatives, k_grad=False,
+                                     block_size=block_size)
+    else:
+        neg_lse = masked_logsumexp((z0 @ negatives.T) / temperature, None, axis=1)
     # log(e^pos + Σ_m e^{neg_m}) without materializing the concatenated logits
-    lse = jnp.logaddexp(pos, masked_logsumexp((z0 @ negatives.T) / temperature, None, axis=1))
+    lse = jnp.logaddexp(pos, neg_lse)
     loss = coll.global_mean(jnp.sum(lse - pos), z0.shape[0], axis_name)
     new_bank = memory_bank_enqueue(bank, z1, axis_name=axis_name) if update else bank
     return loss, new_bank
@@ -265,6 +302,8 @@ def dcl_loss(
     *,
     temperature: ArrayLike = 0.1,
     weight_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Decoupled contrastive loss (DCL): NT-Xent without the positive in the denominator.
@@ -287,6 +326,9 @@ def dcl_loss(
         :func:`dclw_loss` or compute the weights with ``axis_name`` yourself.
       axis_name: optional axis; negatives from the global batch, global mean returned.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`ntxent_loss`.
     Returns:
       Scalar loss (>= float32).
 
@@ -309,7 +351,8 @@ def dcl_loss(
                                    jnp.broadcast_to(w1, (z0.shape[0],))]).astype(z0.dtype)
     _check_dcl_batch(z0, axis_name)
     return _two_view_contrastive(
-        z0, z1, temperature, axis_name, exclude_positive=True, pos_weight=weights
+        z0, z1, temperature, axis_name, exclude_positive=True, pos_weight=weights,
+        implementation=implementation, block_size=block_size,
     )
 
 
@@ -327,6 +370,8 @@ def dclw_loss(
     temperature: ArrayLike = 0.1,
     sigma: ArrayLike = 0.5,
     local_weights: bool = False,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""DCL with negative von Mises-Fisher positive weights (DCLW).
@@ -344,6 +389,9 @@ def dclw_loss(
         default uses the global batch, so the distributed loss is exact.
       axis_name: optional axis, as in :func:`dcl_loss`.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`ntxent_loss`.
     Returns:
       Scalar loss.
     """
@@ -355,6 +403,7 @@ def dclw_loss(
     return _two_view_contrastive(
         z0, z1, temperature, axis_name, exclude_positive=True,
         pos_weight=jnp.concatenate([w, w]).astype(z0.dtype),
+        implementation=implementation, block_size=block_size,
     )
 
 
@@ -615,6 +664,8 @@ def supcon_loss(
     labels: ArrayLike,
     *,
     temperature: ArrayLike = 0.1,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Supervised contrastive loss (SupCon, the :math:`L^{sup}_{out}` form), i.e.
@@ -649,6 +700,9 @@ def supcon_loss(
         count is ``psum``'ed). The result is the loss of one device holding the global
         batch, identical on every device.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`ntxent_loss`.
     Returns:
       Scalar loss (float32, or float64 for float64 inputs).
 
@@ -663,12 +717,15 @@ def supcon_loss(
       <https://arxiv.org/abs/2004.11362>`_, 2020 (Eq. 2).
     """
     val.check_temperature(temperature)
+    tiled.check_implementation(implementation, block_size)
     val.check_axis_name(axis_name)
     z = l2_normalize(val.as_float_array(embeddings, "embeddings", ndim=2))
     labels = _check_labels(labels, "labels", z, "embeddings")
     t = jnp.asarray(temperature, z.dtype)
 
-    lse, pos_mean, valid = _multi_positive_terms(z, labels, t, axis_name)
+    lse, pos_mean, valid = _multi_positive_terms(z, labels, t, axis_name,
+                                                 implementation=implementation,
+                                                 block_size=block_size)
     # −mean_p log softmax_p = lse − mean_p logit_p; masked before any reduction, so anchors
     # without positives (whose lse may be −inf for a global batch of one) carry no gradient.
     per_anchor = jnp.where(valid, lse - pos_mean, 0.0)
@@ -681,6 +738,8 @@ def mocov3_loss(
     key: ArrayLike,
     *,
     temperature: ArrayLike = 0.2,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""MoCo v3's contrastive term: InfoNCE of queries against the (gathered) keys, × 2τ.
@@ -710,6 +769,9 @@ def mocov3_loss(
         all-gathered (stop-gradient), the labels are offset by ``axis_index · batch`` and the
         mean runs over the global batch.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`ntxent_loss`.
     Returns:
       Scalar loss (float32, or float64 for float64 inputs).
 
@@ -725,8 +787,14 @@ def mocov3_loss(
     q, k = upcast(q, k)
     q, k = l2_normalize(q), lax.stop_gradient(l2_normalize(k))
     t = jnp.asarray(temperature, q.dtype)
-    keys = coll.all_gather(k, axis_name)  # (N, D), no gradient to route back
-    lse = masked_logsumexp((q @ keys.T) / t, None, axis=1)
+    tiled.check_implementation(implementation, block_size)
+    if tiled.use_tiled(implementation, q.shape[0], q.shape[0] * coll.axis_size(axis_name),
+                       axis_name):
+        lse, _ = tiled.tiled_lse(q / t, k, k_grad=False, block_size=block_size,
+                                 axis_name=axis_name)
+    else:
+        keys = coll.all_gather(k, axis_name)  # (N, D), no gradient to route back
+        lse = masked_logsumexp((q @ keys.T) / t, None, axis=1)
     pos = jnp.sum(q * k, axis=1) / t  # the logit at column axis_index·B + i
     return 2.0 * t * coll.global_mean(jnp.sum(lse - pos), q.shape[0], axis_name)
 
@@ -742,6 +810,9 @@ def _multi_positive_terms(
     t: jax.Array,
     axis_name: AxisName,
     sources: jax.Array | None = None,
+    *,
+    implementation: str = "dense",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-anchor terms of a multi-positive contrastive loss over the global batch.
 
@@ -755,7 +826,21 @@ def _multi_positive_terms(
     Returns:
       ``(lse [B], pos_mean [B], valid [B])``: the logsumexp of ``s_ij/τ`` over the
       denominator, the mean positive logit (0 where there is none) and ``|P(i)| > 0``.
+      ``implementation`` selects the tiled / ring path (without ``sources``).
     """
+    b = z.shape[0]
+    if sources is None and tiled.use_tiled(implementation, b, b * coll.axis_size(axis_name),
+                                           axis_name):
+        rows = tiled.Rows(ids=_global_rows(b, axis_name), labels=labels)
+        if axis_name is None:
+            lse, extra = tiled.tiled_self_lse(z, 1.0 / t, rows, block_size=block_size)
+        else:
+            lse, extra = tiled.tiled_lse(
+                z / t, z, rows, tiled.Rows(ids=rows.ids, labels=labels), exclude_self=True,
+                block_size=block_size, axis_name=axis_name)
+        assert extra is not None  # labels given: (positive logit sum, positive count)
+        pos_sum, n_pos = extra
+        return lse, pos_sum / jnp.maximum(n_pos, 1.0), n_pos > 0
     keys = coll.all_gather(z, axis_name)  # (N, D)
     key_labels = coll.all_gather(labels, axis_name)  # (N,)
     cols = jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :]

@@ -21,7 +21,8 @@ from jax import lax
 import sslloss_jax as S
 from sslloss_jax._types import AxisName
 
-__all__ = ["LossSpec", "Example", "LOSSES", "QUEUE_VARIANTS", "get", "markdown_table"]
+__all__ = ["LossSpec", "Example", "LOSSES", "QUEUE_VARIANTS", "TILED_VARIANTS", "get",
+           "markdown_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -724,6 +725,29 @@ _BY_NAME = {spec.name: spec for spec in LOSSES}
 def get(name: str) -> LossSpec:
     """The spec of the public loss ``name``."""
     return _BY_NAME[name]
+
+
+#: Tile edge of the tiled variants: small, so the test batches span several tiles and the
+#: last one is padded.
+_TILED_BLOCK = 3
+
+
+def _tiled_variant(spec: LossSpec) -> LossSpec:
+    def apply(batch, state=None, *, axis_name: AxisName = None, **hyper):
+        return spec.apply(batch, state, axis_name=axis_name, implementation="tiled",
+                          block_size=_TILED_BLOCK, **hyper)
+
+    return dataclasses.replace(
+        spec, family="tiled", apply=apply, variant="tiled",
+        distributed="ring: key blocks passed around the devices (ppermute), never gathered")
+
+
+# Not in the README table (same losses); the memory-linear tiled / ring path of every loss
+# that has one, through the whole generic matrix (jit, gradients, vmap, dtypes, degenerate
+# inputs and the distributed harness).
+TILED_VARIANTS = tuple(_tiled_variant(get(name)) for name in (
+    "ntxent_loss", "ntxent_memory_bank_loss", "dcl_loss", "dclw_loss", "infonce_loss",
+    "supcon_loss", "mocov3_loss", "clip_loss", "siglip_loss"))
 
 
 _LIBS = ("lightly", "fovi", "quadra", "nidl")

@@ -15,6 +15,7 @@ from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._contrastive import _candidates, _check_labels, _global_rows, ntxent_loss
 from sslloss_jax._numerics import l2_normalize, masked_logsumexp, safe_norm, upcast
+from sslloss_jax._tiled import DEFAULT_BLOCK_SIZE
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["infonce_loss", "y_aware_infonce_loss", "idmm_loss", "KERNELS"]
@@ -33,6 +34,8 @@ def infonce_loss(
     z2: ArrayLike,
     *,
     temperature: ArrayLike = 0.1,
+    implementation: str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""nidl's ``InfoNCE``: exactly :func:`ntxent_loss` with nidl's names and τ = 0.1.
@@ -50,6 +53,8 @@ def infonce_loss(
       temperature: τ (nidl's default 0.1; may be traced).
       axis_name: optional axis; negatives from the global batch, global mean (nidl has no
         distributed mode).
+      implementation, block_size: dense or memory-linear tiled / ring path (static), as in
+        :func:`ntxent_loss`.
 
     Returns:
       Scalar loss.
@@ -59,7 +64,8 @@ def infonce_loss(
       <https://arxiv.org/abs/1807.03748>`_, 2018; Chen et al., SimCLR, 2020.
     """
     a, b = _check_views(z1, z2, axis_name)
-    return ntxent_loss(a, b, temperature=temperature, axis_name=axis_name)
+    return ntxent_loss(a, b, temperature=temperature, implementation=implementation,
+                       block_size=block_size, axis_name=axis_name)
 
 
 def _epanechnikov(x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sslloss_jax import _collectives as coll
+from sslloss_jax import _tiled as tiled
 from sslloss_jax import _validation as val
 from sslloss_jax._contrastive import _global_rows
 from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
@@ -53,6 +54,8 @@ def clip_loss(
     temperature: ArrayLike | None = None,
     logit_scale: ArrayLike | None = None,
     normalize: bool = True,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""CLIP's symmetric (bidirectional) InfoNCE loss of two towers.
@@ -89,6 +92,10 @@ def clip_loss(
         gathered columns keep their gradient (``all_gather`` transposes to a
         reduce-scatter), so loss and gradients equal the global-batch ones.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`~sslloss_jax.ntxent_loss`.
+
     Returns:
       Scalar loss (float32, or float64 for float64 inputs).
 
@@ -106,6 +113,7 @@ def clip_loss(
         val.check_temperature(temperature)
     else:
         val.check_scalar_param(logit_scale, "logit_scale")
+    tiled.check_implementation(implementation, block_size)
     a, b = _check_towers(z_a, z_b, axis_name, normalize)
     if logit_scale is None:
         scale = 1.0 / jnp.asarray(temperature, a.dtype)
@@ -113,7 +121,11 @@ def clip_loss(
         scale = jnp.asarray(logit_scale).astype(a.dtype)
 
     pos = scale * jnp.sum(a * b, axis=1)  # L_ii, shape (B,)
-    if axis_name is None:  # one N×N matrix serves both directions
+    n = a.shape[0] * coll.axis_size(axis_name)
+    if tiled.use_tiled(implementation, a.shape[0], n, axis_name):
+        lse = sum(tiled.tiled_lse(scale * q, k, block_size=block_size, axis_name=axis_name)[0]
+                  for q, k in ((a, b), (b, a)))
+    elif axis_name is None:  # one N×N matrix serves both directions
         logits = scale * (a @ b.T)
         lse = masked_logsumexp(logits, None, axis=1) + masked_logsumexp(logits, None, axis=0)
     else:
@@ -129,6 +141,8 @@ def siglip_loss(
     t: ArrayLike = _SIGLIP_LOG_SCALE,
     b: ArrayLike = -10.0,
     normalize: bool = True,
+    implementation: str = "auto",
+    block_size: int = tiled.DEFAULT_BLOCK_SIZE,
     axis_name: AxisName = None,
 ) -> jax.Array:
     r"""SigLIP's pairwise sigmoid loss of two towers.
@@ -159,6 +173,10 @@ def siglip_loss(
         columns, and the sum is ``psum``'ed and divided by the global batch: the
         global-batch loss and gradients.
 
+      implementation, block_size: ``"auto"``, ``"dense"`` or ``"tiled"`` (memory linear in
+        the batch; a ring of devices under ``axis_name``) and the tile edge, static, as in
+        :func:`~sslloss_jax.ntxent_loss`.
+
     Returns:
       Scalar loss (float32, or float64 for float64 inputs).
 
@@ -168,9 +186,18 @@ def siglip_loss(
     """
     val.check_scalar_param(t, "t")
     val.check_scalar_param(b, "b")
+    tiled.check_implementation(implementation, block_size)
     z_a, z_b = _check_towers(z_a, z_b, axis_name, normalize)
     dtype = z_a.dtype
     scale = jnp.exp(jnp.asarray(t, dtype))
+    rows = z_a.shape[0]
+    if tiled.use_tiled(implementation, rows, rows * coll.axis_size(axis_name), axis_name):
+        # the bias rides along as one more feature: [e^t·a, 1]·[b, bias] = e^t·a·b + bias
+        q = jnp.concatenate([scale * z_a, jnp.ones((rows, 1), dtype)], axis=1)
+        k = jnp.concatenate([z_b, jnp.full((rows, 1), jnp.asarray(b, dtype))], axis=1)
+        loglik = tiled.tiled_log_sigmoid_sum(q, k, _global_rows(rows, axis_name),
+                                             block_size=block_size, axis_name=axis_name)
+        return coll.global_mean(-jnp.sum(loglik), rows, axis_name)
     logits = scale * (z_a @ coll.all_gather(z_b, axis_name).T) + jnp.asarray(b, dtype)
     cols = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :]
     positive = cols == _global_rows(z_a.shape[0], axis_name)[:, None]

@@ -18,13 +18,13 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS, LossSpec
+from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS, TILED_VARIANTS, LossSpec
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 AUTO = jax.sharding.AxisType.Auto
 
 # ----------------------------------------------------------------------------- the matrix
-ALL_SPECS: tuple[LossSpec, ...] = (*LOSSES, *QUEUE_VARIANTS)
+ALL_SPECS: tuple[LossSpec, ...] = (*LOSSES, *QUEUE_VARIANTS, *TILED_VARIANTS)
 #: The first registry entry of each family: the per-transform checks whose logic lives in
 #: shared helpers (collectives, wrappers) rather than in each loss run on these only.
 FAMILY_REPRESENTATIVES: tuple[LossSpec, ...] = tuple(

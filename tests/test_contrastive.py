@@ -179,9 +179,11 @@ def test_dclw_gradient_is_dcl_gradient_with_frozen_weights():
 @pytest.mark.parametrize("exclude_positive", [False, True])
 @pytest.mark.parametrize("tau", [0.5, -0.3, 0.05])
 def test_symmetric_vjp_matches_autodiff_path(exclude_positive, tau):
-    """One device uses a custom VJP exploiting the symmetric logits; it must equal plain
-    autodiff of the general (local rows × gathered columns) path, incl. d/dτ."""
-    from sslloss_jax._contrastive import _two_view_contrastive
+    """One device uses custom VJPs exploiting the symmetric logits (dense, and tiled in
+    3-row tiles with padding); both must equal plain autodiff of the masked logsumexp,
+    incl. d/dτ."""
+    from sslloss_jax._contrastive import _candidates, _two_view_contrastive
+    from sslloss_jax._numerics import masked_logsumexp
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(1)
@@ -189,15 +191,23 @@ def test_symmetric_vjp_matches_autodiff_path(exclude_positive, tau):
         z0, z1 = (z / jnp.linalg.norm(z, axis=1, keepdims=True) for z in (z0, z1))
         w = jnp.asarray(rng.uniform(0.5, 1.5, 10))
 
-        def loss(z0, z1, t, w, sym):
+        def loss(z0, z1, t, w, impl):
+            if impl == "autodiff":
+                z = jnp.concatenate([z0, z1])
+                rows = jnp.arange(10, dtype=jnp.int32)
+                mask = _candidates(rows, rows // 5, rows % 5, 5, exclude_positive)
+                pos = jnp.concatenate([jnp.sum(z0 * z1, 1)] * 2) / t * w
+                return jnp.mean(masked_logsumexp(z @ z.T / t, mask, axis=1) - pos)
             return _two_view_contrastive(z0, z1, t, None, exclude_positive=exclude_positive,
-                                         pos_weight=w, symmetric_vjp=sym)
+                                         pos_weight=w, implementation=impl, block_size=3)
 
-        grads = [jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(z0, z1, tau, w, sym)
-                 for sym in (True, False)]
-        assert_tree_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
-        check_grads(lambda a, b, t: loss(a, b, t, w, True), (z0, z1, tau), order=1,
-                    modes=("rev",))
+        grads = [jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(z0, z1, tau, w, impl)
+                 for impl in ("autodiff", "dense", "tiled")]
+        for g in grads[1:]:
+            assert_tree_close(g, grads[0], rtol=1e-10, atol=1e-12)
+        for impl in ("dense", "tiled"):
+            check_grads(lambda a, b, t, impl=impl: loss(a, b, t, w, impl), (z0, z1, tau),
+                        order=1, modes=("rev",))
 
 
 def test_co2_lightly_value_gradient_and_bank():

@@ -94,7 +94,13 @@ def _patched(spec, shim):
     ``sslloss_jax`` attribute (looked up at call time) and the closure cells of the
     registry's helpers (``_stateless(S.f)`` etc., which captured the function)."""
     original = getattr(S, spec.name)
-    cells = [c for c in (spec.apply.__closure__ or ()) if c.cell_contents is original]
+    cells, applies = [], [spec.apply]
+    while applies:  # variants (e.g. the tiled ones) wrap the base entry's apply
+        for c in applies.pop().__closure__ or ():
+            if c.cell_contents is original:
+                cells.append(c)
+            elif hasattr(c.cell_contents, "apply"):
+                applies.append(c.cell_contents.apply)
     def counted(*args, **kwargs):
         _SHIM_CALLS.append(spec.name)
         return shim(*args, **kwargs)

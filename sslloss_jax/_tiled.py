@@ -1,0 +1,540 @@
+"""Memory-linear contrastive reductions: tiled on one device, ring-distributed across devices.
+
+Every contrastive loss of the library reduces a logit matrix ``L = q kᵀ`` (queries against
+keys) row by row: a masked row-logsumexp (NT-Xent, DCL, InfoNCE/CLIP, MoCo v3, SupCon, the
+memory bank) or a sum of log-sigmoids (SigLIP). The dense path materializes ``L`` and, for
+the backward pass, its softmax: O(Nq·Nk) memory. This module computes the same reductions
+block by block (``block × block`` tiles of ``L`` inside ``lax.scan``), with a
+``jax.custom_vjp`` whose forward keeps only the inputs and one float per row (the
+logsumexp), and whose backward recomputes each tile and accumulates ``dq`` and ``dk``
+(as Inf-CL and flash attention do). Memory is O((Nq + Nk)·D + block²) forward **and**
+backward: a plain scan without a custom VJP would store every tile for reverse mode.
+
+Masks are never materialized either: each key row carries an integer id (its row in the
+global, all-gathered key order; ``-1`` marks padding) and each query the id of itself and,
+optionally, of its positive and a class label, so a tile's mask is a comparison of two id
+vectors.
+
+Under an ``axis_name`` the **ring** variant never gathers the keys: each device keeps its
+queries and passes its key blocks around the ring with ``lax.ppermute`` inside a scan,
+accumulating its rows' online logsumexp; the backward pass sends ``dk`` along with ``k``
+(ring attention) so that after one more hop every device holds the cotangent of its own
+keys. Per-device memory is proportional to the local batch.
+
+Temperature and scale are folded into the queries outside the custom VJP (``q·s``), so
+autodiff handles their gradients (including the cross-device sum of an invariant scalar
+under ``shard_map``); only the single-device symmetric kernel (queries = keys, NT-Xent and
+friends) takes the scale itself, which lets its backward use one matmul per tile instead of
+two.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sslloss_jax import _collectives as coll
+from sslloss_jax._types import AxisName
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "IMPLEMENTATIONS",
+    "Rows",
+    "check_implementation",
+    "use_tiled",
+    "tiled_lse",
+    "tiled_self_lse",
+    "tiled_log_sigmoid_sum",
+]
+
+#: Default tile edge: 1024 × 1024 float32 tiles are 4 MiB, large enough for efficient
+#: matmuls on CPU and accelerators, small enough for caches and for linear memory.
+DEFAULT_BLOCK_SIZE = 1024
+IMPLEMENTATIONS = ("auto", "dense", "tiled")
+#: ``implementation="auto"`` switches to the tiled path once the logits of one device
+#: (rows × columns) exceed this many elements (64 MiB in float32): below it the dense
+#: path is as fast or faster; above it the tiled path is faster on CPU (cache-resident
+#: tiles, benchmarks/memory.py) and its memory stays linear.
+AUTO_TILED_ELEMENTS = 4096 * 4096
+
+_NO_ID = -2  # query-side id that matches no key (queries without self or positive)
+_PAD_ID = -1  # key-side id of padding rows
+
+
+def check_implementation(implementation: object, block_size: object) -> None:
+    """Validates the ``implementation`` / ``block_size`` keywords (static)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    if (not isinstance(block_size, int) or isinstance(block_size, bool)
+            or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def use_tiled(implementation: str, rows: int, cols: int, axis_name: AxisName) -> bool:
+    """Whether ``implementation`` selects the tiled (or, under ``axis_name``, ring) path
+    for a ``rows × cols`` logit matrix per device (static)."""
+    if implementation == "auto":
+        return rows * cols > AUTO_TILED_ELEMENTS
+    return implementation == "tiled"
+
+
+class Rows(NamedTuple):
+    """Integer metadata of query (or key) rows, shape ``[rows]`` each, int32.
+
+    ``ids``: the row's global id among the keys (keys: its column; queries: itself, so it
+    is excluded from its own denominator), or -2 / None for none. ``pos``: the id of the
+    query's positive, excluded from the denominator (DCL), or None. ``labels``: class
+    labels; positives are the keys with the query's label other than itself.
+    """
+
+    ids: jax.Array | None = None
+    pos: jax.Array | None = None
+    labels: jax.Array | None = None
+
+
+class _Cfg(NamedTuple):
+    """Static configuration of a tiled reduction (hashable: a ``nondiff_argnum``)."""
+
+    exclude_self: bool
+    exclude_pos: bool
+    labels: bool
+    k_grad: bool
+    block: int
+    axis_name: AxisName
+
+
+# ---------------------------------------------------------------- blocking and masks
+def _blocking(n: int, block: int) -> tuple[int, int]:
+    """``(count, size)`` of the blocks covering ``n`` rows with at most ``block`` each and
+    the least padding (``count · size - n < count``)."""
+    count = max(1, math.ceil(n / block))
+    return count, math.ceil(n / count)
+
+
+def _to_blocks(x: jax.Array | None, count: int, size: int, fill) -> jax.Array | None:
+    """Pads axis 0 to ``count · size`` with ``fill`` and reshapes to ``[count, size, ...]``."""
+    if x is None:
+        return None
+    pad = count * size - x.shape[0]
+    if pad:
+        x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
+    return x.reshape(count, size, *x.shape[1:])
+
+
+def _from_blocks(x: jax.Array, n: int) -> jax.Array:
+    return x.reshape(-1, *x.shape[2:])[:n]
+
+
+def _id_array(ids: jax.Array | None, n: int) -> jax.Array:
+    return jnp.full((n,), _NO_ID, jnp.int32) if ids is None else ids.astype(jnp.int32)
+
+
+def _query_meta(rows: Rows, n: int, cfg: _Cfg) -> tuple:
+    """``(self_ids, pos_ids, labels)`` of the queries (int32 or None), as the config uses."""
+    return (_id_array(rows.ids, n) if cfg.exclude_self or cfg.labels else None,
+            _id_array(rows.pos, n) if cfg.exclude_pos else None,
+            jnp.asarray(rows.labels, jnp.int32) if cfg.labels else None)
+
+
+def _key_meta(rows: Rows, n: int, cfg: _Cfg) -> tuple:
+    ids = jnp.arange(n, dtype=jnp.int32) if rows.ids is None else rows.ids.astype(jnp.int32)
+    return ids, (jnp.asarray(rows.labels, jnp.int32) if cfg.labels else None)
+
+
+def _masks(qm: tuple, km: tuple, rows: int, cfg: _Cfg):
+    """``(candidates, positives)`` of one ``rows × cols`` tile (positives None without
+    labels)."""
+    q_self, q_pos, q_lab = qm
+    k_id, k_lab = km
+    valid = (k_id >= 0)[None, :]
+    cand = jnp.broadcast_to(valid, (rows, k_id.shape[0]))
+    if cfg.exclude_self:
+        cand = cand & (k_id[None, :] != q_self[:, None])
+    if cfg.exclude_pos:
+        cand = cand & (k_id[None, :] != q_pos[:, None])
+    pos = None
+    if cfg.labels:
+        pos = (q_lab[:, None] == k_lab[None, :]) & (k_id[None, :] != q_self[:, None]) & valid
+    return cand, pos
+
+
+# --------------------------------------------------- forward: online row statistics
+def _init_stats(qb: jax.Array, cfg: _Cfg):
+    # ``*_like`` of the (per-device) data, so that under ``shard_map`` the scan carries
+    # have the data's varying-axes type (a fresh constant would be invariant)
+    s = jnp.zeros_like(qb[..., 0])
+    extra = (s, s) if cfg.labels else None
+    return jnp.full_like(s, -jnp.inf), s, extra
+
+
+def _update_stats(stats, qb, qm, kb, km, scale, cfg: _Cfg):
+    """Folds the key blocks ``kb`` ``[nc, bc, D]`` into the online logsumexp (and positive
+    sums) of the query blocks ``qb`` ``[nr, br, D]``."""
+
+    def row(args):
+        q, m_q, (m, s, extra) = args
+
+        def col(carry, kargs):
+            m, s, extra = carry
+            k, m_k = kargs
+            logits = _logits(q, k, scale)
+            cand, pos = _masks(m_q, m_k, q.shape[0], cfg)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(cand, logits, -jnp.inf), axis=1))
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            s = s * jnp.exp(m - shift) + jnp.sum(
+                jnp.where(cand, jnp.exp(logits - shift[:, None]), 0.0), axis=1)
+            if extra is not None:
+                extra = (extra[0] + jnp.sum(jnp.where(pos, logits, 0.0), axis=1),
+                         extra[1] + jnp.sum(pos, axis=1).astype(s.dtype))
+            return (m_new, s, extra), None
+
+        return lax.scan(col, (m, s, extra), (kb, km))[0]
+
+    return lax.map(row, (qb, qm, stats))
+
+
+def _logits(q: jax.Array, k: jax.Array, scale) -> jax.Array:
+    g = jnp.matmul(q, k.T)
+    return g if scale is None else scale * g
+
+
+def _finish(stats):
+    m, s, extra = stats
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)) + shift, -jnp.inf)
+    return lse, extra
+
+
+# ----------------------------------------------------------------- ring plumbing
+def _ring_next(x, axis_name: AxisName):
+    """Sends ``x`` (a pytree) from every participant to the next one on the ring."""
+    n = coll.axis_size(axis_name)
+    if n == 1:
+        return x
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), x)
+
+
+def _ring_scan(step, keys, carry, axis_name: AxisName):
+    """``step(keys, carry) -> (keys, carry)`` on this device's key blocks, then on every
+    other device's, passed along the ring (``axis_size - 1`` hops)."""
+    keys, carry = step(keys, carry)
+    n = coll.axis_size(axis_name)
+    if n > 1:
+        def body(c, _):
+            return step(_ring_next(c[0], axis_name), c[1]), None
+
+        (keys, carry), _ = lax.scan(body, (keys, carry), None, length=n - 1)
+    return keys, carry
+
+
+# ------------------------------------------------------ generic queries × keys kernel
+def tiled_lse(
+    q: jax.Array,
+    k: jax.Array,
+    q_rows: Rows | None = None,
+    k_rows: Rows | None = None,
+    *,
+    exclude_self: bool = False,
+    exclude_pos: bool = False,
+    k_grad: bool = True,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Masked row-logsumexp of ``q kᵀ`` in O((Nq + Nk)·D + block²) memory.
+
+    ``lse_i = log Σ_{j ∈ cand(i)} exp(q_i·k_j)`` over the keys that are not padding, not
+    the query itself (``exclude_self``: key id ≠ ``q_rows.ids``) and not its positive
+    (``exclude_pos``: key id ≠ ``q_rows.pos``). With labels (``q_rows.labels`` and
+    ``k_rows.labels``) it also returns ``(pos_sum, n_pos)``: the sum of the logits over
+    the positives ``P(i) = {j : label_j = label_i, id_j ≠ ids_i}`` and their count.
+
+    Fold any temperature or scale into ``q`` beforehand. ``k_grad=False`` (static) skips
+    the key gradient (keys that are stop-gradient: MoCo v3, memory banks).
+
+    With ``axis_name``, ``q``/``k`` are this device's rows and the keys (with their ids
+    and labels) travel around the ring: ``lse`` is over the global keys. ``k_rows.ids``
+    must then hold global ids (default: the rows' position in the all-gathered order).
+    Queries with no candidate get ``-inf`` and a zero gradient.
+    """
+    q_rows = Rows() if q_rows is None else q_rows
+    k_rows = Rows() if k_rows is None else k_rows
+    cfg = _Cfg(exclude_self, exclude_pos, q_rows.labels is not None, k_grad, block_size,
+               axis_name)
+    if cfg.labels and k_rows.labels is None:
+        raise ValueError("tiled_lse: q_rows.labels given without k_rows.labels")
+    if axis_name is not None and k_rows.ids is None:
+        k_rows = k_rows._replace(ids=coll.axis_index(axis_name) * k.shape[0]
+                                 + jnp.arange(k.shape[0], dtype=jnp.int32))
+    qm = _query_meta(q_rows, q.shape[0], cfg)
+    km = _key_meta(k_rows, k.shape[0], cfg)
+    return _lse_vjp(cfg, q, k, qm, km)
+
+
+def _blocks_of(cfg: _Cfg, q, k, qm, km):
+    nr, br = _blocking(q.shape[0], cfg.block)
+    nc, bc = _blocking(k.shape[0], cfg.block)
+    qb = _to_blocks(q, nr, br, 0)
+    qmb = tuple(_to_blocks(x, nr, br, _NO_ID) for x in qm)
+    kb = _to_blocks(k, nc, bc, 0)
+    kmb = (_to_blocks(km[0], nc, bc, _PAD_ID), _to_blocks(km[1], nc, bc, _NO_ID))
+    return qb, qmb, (kb, kmb)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lse_vjp(cfg, q, k, qm, km):
+    return _lse_fwd(cfg, q, k, qm, km)[0]
+
+
+def _lse_fwd(cfg, q, k, qm, km):
+    qb, qmb, keys = _blocks_of(cfg, q, k, qm, km)
+    stats = _init_stats(qb, cfg)
+
+    def step(keys, stats):
+        return keys, _update_stats(stats, qb, qmb, keys[0], keys[1], None, cfg)
+
+    _, stats = _ring_scan(step, keys, stats, cfg.axis_name)
+    lse, extra = _finish(stats)
+    n = q.shape[0]
+    lse = _from_blocks(lse, n)
+    extra = None if extra is None else tuple(_from_blocks(x, n) for x in extra)
+    return (lse, extra), (q, k, qm, km, lse)
+
+
+def _lse_bwd(cfg, res, cts):
+    q, k, qm, km, lse = res
+    g, g_extra = cts
+    qb, qmb, keys = _blocks_of(cfg, q, k, qm, km)
+    nr, br = qb.shape[:2]
+    gb = _to_blocks(g.astype(q.dtype), nr, br, 0)
+    lseb = _to_blocks(lse, nr, br, 0)
+    gpb = (None if g_extra is None else _to_blocks(g_extra[0].astype(q.dtype), nr, br, 0))
+
+    def chunk_grads(kb, kmb):
+        """(dq [nr, br, D], dk [nc, bc, D] or None) of one set of key blocks."""
+
+        def row(dk, args):
+            qr, m_q, g_r, lse_r, gp_r = args
+
+            def col(dq, kargs):
+                kc, m_k = kargs
+                logits = _logits(qr, kc, None)
+                cand, pos = _masks(m_q, m_k, qr.shape[0], cfg)
+                c = jnp.where(cand, g_r[:, None] * jnp.exp(logits - lse_r[:, None]), 0.0)
+                if pos is not None:
+                    c = c + jnp.where(pos, gp_r[:, None], 0.0)
+                dq = dq + jnp.matmul(c, kc)
+                dkc = jnp.matmul(c.T, qr) if cfg.k_grad \
+                    else None
+                return dq, dkc
+
+            dq, dkc = lax.scan(col, jnp.zeros_like(qr), (kb, kmb))
+            return (None if dk is None else dk + dkc), dq
+
+        dk0 = jnp.zeros_like(kb) if cfg.k_grad else None
+        return lax.scan(row, dk0, (qb, qmb, gb, lseb, gpb))
+
+    def step(keys, carry):
+        (kb, kmb), dk = keys
+        dq = carry
+        dk_add, dq_add = chunk_grads(kb, kmb)
+        dk = None if dk is None else dk + dk_add
+        return ((kb, kmb), dk), dq + dq_add
+
+    dk0 = jnp.zeros_like(keys[0]) if cfg.k_grad else None
+    (_, dk), dq = _ring_scan(step, (keys, dk0), jnp.zeros_like(qb), cfg.axis_name)
+    dq = _from_blocks(dq, q.shape[0])
+    if cfg.k_grad:
+        dk = _from_blocks(_ring_next(dk, cfg.axis_name), k.shape[0])  # the last hop home
+    else:
+        dk = jnp.zeros_like(k)
+    return dq, dk, _none_like(qm), _none_like(km)
+
+
+def _none_like(meta: tuple) -> tuple:
+    return tuple(None for _ in meta)
+
+
+_lse_vjp.defvjp(_lse_fwd, _lse_bwd)
+
+
+# ------------------------------------------ symmetric kernel: queries = keys, one device
+def tiled_self_lse(
+    z: jax.Array,
+    scale: jax.Array,
+    rows: Rows,
+    *,
+    exclude_pos: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """:func:`tiled_lse` of ``scale · z zᵀ`` with queries = keys = ``z`` on one device.
+
+    Every row is excluded from its own denominator (``rows.ids``, default its index); the
+    masks must be symmetric (``rows.pos`` an involution, labels). The logits are
+    symmetric, so the backward pass needs one matmul per tile,
+    ``dz = (C + Cᵀ) z · scale``, and no key-gradient accumulator. Differentiable in
+    ``scale``.
+    """
+    n = z.shape[0]
+    if rows.ids is None:
+        rows = rows._replace(ids=jnp.arange(n, dtype=jnp.int32))
+    cfg = _Cfg(True, exclude_pos, rows.labels is not None, True, block_size, None)
+    qm = _query_meta(rows, n, cfg)
+    km = _key_meta(rows, n, cfg)
+    return _self_vjp(cfg, z, scale, qm, km)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _self_vjp(cfg, z, scale, qm, km):
+    return _self_fwd(cfg, z, scale, qm, km)[0]
+
+
+def _self_fwd(cfg, z, scale, qm, km):
+    qb, qmb, (kb, kmb) = _blocks_of(cfg, z, z, qm, km)
+    stats = _init_stats(qb, cfg)
+    lse, extra = _finish(_update_stats(stats, qb, qmb, kb, kmb, scale, cfg))
+    n = z.shape[0]
+    lse = _from_blocks(lse, n)
+    extra = None if extra is None else tuple(_from_blocks(x, n) for x in extra)
+    return (lse, extra), (z, scale, qm, km, lse)
+
+
+def _self_bwd(cfg, res, cts):
+    z, scale, qm, km, lse = res
+    g, g_extra = cts
+    qb, qmb, (kb, kmb) = _blocks_of(cfg, z, z, qm, km)
+    nr, br = qb.shape[:2]
+    gb = _to_blocks(g.astype(z.dtype), nr, br, 0)
+    lseb = _to_blocks(lse, nr, br, 0)
+    gpb = None if g_extra is None else _to_blocks(g_extra[0].astype(z.dtype), nr, br, 0)
+    # Row blocks and column blocks are the same partition: column block J's statistics
+    # are row block J's.
+    cols = (kb, kmb, gb, lseb, gpb)
+
+    def row(ds, args):
+        zi, m_q, g_i, lse_i, gp_i = args
+
+        def col(carry, jargs):
+            dz, ds = carry
+            zj, m_k, g_j, lse_j, gp_j = jargs
+            gram = _logits(zi, zj, None)
+            logits = scale * gram
+            cand, pos = _masks(m_q, m_k, zi.shape[0], cfg)
+            # (C + Cᵀ)_ij = g_i e^{L_ij − lse_i} + g_j e^{L_ij − lse_j} on candidates
+            sym = jnp.where(cand, g_i[:, None] * jnp.exp(logits - lse_i[:, None])
+                            + g_j[None, :] * jnp.exp(logits - lse_j[None, :]), 0.0)
+            if pos is not None:
+                sym = sym + jnp.where(pos, gp_i[:, None] + gp_j[None, :], 0.0)
+            dz = dz + jnp.matmul(sym, zj)
+            return (dz, ds + jnp.sum(sym * gram)), None
+
+        (dz, ds_r), _ = lax.scan(col, (jnp.zeros_like(zi), jnp.zeros((), z.dtype)), cols)
+        return ds + ds_r, dz
+
+    ds, dz = lax.scan(row, jnp.zeros((), z.dtype), (qb, qmb, gb, lseb, gpb))
+    dz = _from_blocks(dz, z.shape[0]) * scale
+    return dz, (0.5 * ds).astype(scale.dtype), _none_like(qm), _none_like(km)
+
+
+_self_vjp.defvjp(_self_fwd, _self_bwd)
+
+
+# ------------------------------------------------------------- SigLIP: log-sigmoid sum
+def tiled_log_sigmoid_sum(
+    q: jax.Array,
+    k: jax.Array,
+    q_pos: jax.Array,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    """``Σ_j log σ(y_ij · q_i·k_j)`` per query row, ``y_ij = +1`` iff key ``j`` is the
+    query's positive (global key id ``q_pos[i]``), else −1, in O((Nq + Nk)·D + block²)
+    memory.
+
+    Fold scale (and a bias, as an extra feature column) into ``q``/``k`` beforehand. With
+    ``axis_name`` the keys travel around the ring (ids: position in the gathered order).
+    """
+    cfg = _Cfg(False, True, False, True, block_size, axis_name)
+    offset = coll.axis_index(axis_name) * k.shape[0] if axis_name is not None else 0
+    km = (offset + jnp.arange(k.shape[0], dtype=jnp.int32), None)
+    qm = (None, q_pos.astype(jnp.int32), None)
+    return _sig_vjp(cfg, q, k, qm, km)
+
+
+def _sig_tile(q, m_q, k, m_k):
+    logits = _logits(q, k, None)
+    valid = (m_k[0] >= 0)[None, :]
+    y = jnp.where(m_k[0][None, :] == m_q[1][:, None], 1.0, -1.0).astype(logits.dtype)
+    return logits, valid, y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sig_vjp(cfg, q, k, qm, km):
+    return _sig_fwd(cfg, q, k, qm, km)[0]
+
+
+def _sig_fwd(cfg, q, k, qm, km):
+    qb, qmb, keys = _blocks_of(cfg, q, k, qm, km)
+
+    def rows_sum(kb, kmb):
+        def row(args):
+            qr, m_q = args
+
+            def col(acc, kargs):
+                logits, valid, y = _sig_tile(qr, m_q, *kargs)
+                return acc + jnp.sum(jnp.where(valid, jax.nn.log_sigmoid(y * logits), 0.0),
+                                     axis=1), None
+
+            return lax.scan(col, jnp.zeros_like(qr[:, 0]), (kb, kmb))[0]
+
+        return lax.map(row, (qb, qmb))
+
+    def step(keys, acc):
+        return keys, acc + rows_sum(*keys)
+
+    _, acc = _ring_scan(step, keys, jnp.zeros_like(qb[..., 0]), cfg.axis_name)
+    return _from_blocks(acc, q.shape[0]), (q, k, qm, km)
+
+
+def _sig_bwd(cfg, res, g):
+    q, k, qm, km = res
+    qb, qmb, keys = _blocks_of(cfg, q, k, qm, km)
+    gb = _to_blocks(g.astype(q.dtype), qb.shape[0], qb.shape[1], 0)
+
+    def chunk_grads(kb, kmb):
+        def row(dk, args):
+            qr, m_q, g_r = args
+
+            def col(dq, kargs):
+                kc = kargs[0]
+                logits, valid, y = _sig_tile(qr, m_q, *kargs)
+                # d/dL log σ(yL) = y σ(−yL)
+                c = jnp.where(valid, g_r[:, None] * y * jax.nn.sigmoid(-y * logits), 0.0)
+                dq = dq + jnp.matmul(c, kc)
+                return dq, jnp.matmul(c.T, qr)
+
+            dq, dkc = lax.scan(col, jnp.zeros_like(qr), (kb, kmb))
+            return dk + dkc, dq
+
+        return lax.scan(row, jnp.zeros_like(kb), (qb, qmb, gb))
+
+    def step(keys, dq):
+        (kb, kmb), dk = keys
+        dk_add, dq_add = chunk_grads(kb, kmb)
+        return ((kb, kmb), dk + dk_add), dq + dq_add
+
+    (_, dk), dq = _ring_scan(step, (keys, jnp.zeros_like(keys[0])), jnp.zeros_like(qb),
+                             cfg.axis_name)
+    dk = _from_blocks(_ring_next(dk, cfg.axis_name), k.shape[0])
+    return _from_blocks(dq, q.shape[0]), dk, _none_like(qm), _none_like(km)
+
+
+_sig_vjp.defvjp(_sig_fwd, _sig_bwd)
