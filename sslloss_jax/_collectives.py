@@ -48,6 +48,13 @@ def axis_index(axis_name: AxisName) -> jax.Array | int:
     return lax.axis_index(axis_name)
 
 
+def global_rows(local_batch: int, axis_name: AxisName) -> jax.Array:
+    """Global batch index of each local row, ``axis_index·B + arange(B)`` (int32): where
+    this participant's rows sit among the rows of an :func:`all_gather` (the labels of a
+    local-rows × gathered-columns cross-entropy, the ids of ring-passed key blocks)."""
+    return axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
+
+
 def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
     """Concatenates every participant's ``x`` along axis 0 (differentiable).
 

@@ -117,7 +117,6 @@ def _two_view_contrastive(
     (``implementation``): :mod:`sslloss_jax._tiled`, the symmetric kernel on one device and
     the ring under ``axis_name``.
     """
-    tiled.check_implementation(implementation, block_size)
     b = z0.shape[0]
     n = b * coll.axis_size(axis_name)
     anchors = jnp.concatenate([z0, z1], axis=0)  # (2B, D)
@@ -125,7 +124,7 @@ def _two_view_contrastive(
     rows = jnp.arange(2 * b, dtype=jnp.int32)
     view = rows // b
     sample = coll.axis_index(axis_name) * b + rows % b  # global sample index of each anchor
-    if tiled.use_tiled(implementation, 2 * b, 2 * n, axis_name):
+    if tiled.use_tiled(implementation, block_size, 2 * b, 2 * n):
         ids = tiled.Rows(ids=view * n + sample, pos=(1 - view) * n + sample)
         if axis_name is None:
             lse, _ = tiled.tiled_self_lse(anchors, 1.0 / t, ids, exclude_pos=exclude_positive,
@@ -253,11 +252,10 @@ def ntxent_memory_bank_loss(
     val.check_temperature(temperature)
     z0, z1 = _check_pair(out0, out1, axis_name)
     check_memory_bank(bank, z0.shape[1])
-    tiled.check_implementation(implementation, block_size)
     negatives = lax.stop_gradient(bank.bank).astype(z0.dtype)
     pos = jnp.sum(z0 * z1, axis=1) / temperature
     # the bank is replicated: each device scores its queries against all of it, locally
-    if tiled.use_tiled(implementation, z0.shape[0], negatives.shape[0], None):
+    if tiled.use_tiled(implementation, block_size, z0.shape[0], negatives.shape[0]):
         neg_lse, _ = tiled.tiled_lse(z0 / temperature, negatives, k_grad=False,
                                      block_size=block_size)
     else:
@@ -644,13 +642,6 @@ def co2_memory_bank_regularizer(
     return loss, (memory_bank_enqueue(bank, z1, axis_name=axis_name) if update else bank)
 
 
-def _global_rows(local_batch: int, axis_name: AxisName) -> jax.Array:
-    """Global batch index of each local row, ``axis_index·B + arange(B)``: where this
-    participant's rows sit among the columns of an ``all_gather`` (the labels of a
-    local-rows × gathered-columns cross-entropy)."""
-    return coll.axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
-
-
 def _check_labels(labels: ArrayLike, name: str, embeddings: jax.Array,
                   embeddings_name: str) -> jax.Array:
     """Integer class labels of shape ``[batch]`` matching ``embeddings`` (``[batch, dim]``)."""
@@ -717,7 +708,6 @@ def supcon_loss(
       <https://arxiv.org/abs/2004.11362>`_, 2020 (Eq. 2).
     """
     val.check_temperature(temperature)
-    tiled.check_implementation(implementation, block_size)
     val.check_axis_name(axis_name)
     z = l2_normalize(val.as_float_array(embeddings, "embeddings", ndim=2))
     labels = _check_labels(labels, "labels", z, "embeddings")
@@ -787,9 +777,8 @@ def mocov3_loss(
     q, k = upcast(q, k)
     q, k = l2_normalize(q), lax.stop_gradient(l2_normalize(k))
     t = jnp.asarray(temperature, q.dtype)
-    tiled.check_implementation(implementation, block_size)
-    if tiled.use_tiled(implementation, q.shape[0], q.shape[0] * coll.axis_size(axis_name),
-                       axis_name):
+    if tiled.use_tiled(implementation, block_size, q.shape[0],
+                       q.shape[0] * coll.axis_size(axis_name)):
         lse, _ = tiled.tiled_lse(q / t, k, k_grad=False, block_size=block_size,
                                  axis_name=axis_name)
     else:
@@ -829,9 +818,9 @@ def _multi_positive_terms(
       ``implementation`` selects the tiled / ring path (without ``sources``).
     """
     b = z.shape[0]
-    if sources is None and tiled.use_tiled(implementation, b, b * coll.axis_size(axis_name),
-                                           axis_name):
-        rows = tiled.Rows(ids=_global_rows(b, axis_name), labels=labels)
+    if sources is None and tiled.use_tiled(implementation, block_size, b,
+                                           b * coll.axis_size(axis_name)):
+        rows = tiled.Rows(ids=coll.global_rows(b, axis_name), labels=labels)
         if axis_name is None:
             lse, extra = tiled.tiled_self_lse(z, 1.0 / t, rows, block_size=block_size)
         else:
@@ -844,7 +833,7 @@ def _multi_positive_terms(
     keys = coll.all_gather(z, axis_name)  # (N, D)
     key_labels = coll.all_gather(labels, axis_name)  # (N,)
     cols = jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :]
-    others = cols != _global_rows(z.shape[0], axis_name)[:, None]  # all but the anchor
+    others = cols != coll.global_rows(z.shape[0], axis_name)[:, None]  # all but the anchor
     positives = others & (labels[:, None] == key_labels[None, :])  # P(i)
     candidates = others
     if sources is not None:
@@ -895,7 +884,7 @@ def fovi_simclr_terms(
         )
     m = a.shape[0]
     z = l2_normalize(jnp.concatenate(upcast(a, b), axis=0))  # (2M, D): [z_i; z_j]
-    pair = _global_rows(m, axis_name)  # global pair index (image-major, P per image)
+    pair = coll.global_rows(m, axis_name)  # global pair index (image-major, P per image)
     labels = jnp.concatenate([pair, pair])
     lse, pos, _ = _multi_positive_terms(z, labels, jnp.asarray(temperature, z.dtype),
                                         axis_name, sources=labels // p)

@@ -13,7 +13,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._contrastive import _candidates, _check_labels, _global_rows, ntxent_loss
+from sslloss_jax._contrastive import _candidates, _check_labels, ntxent_loss
 from sslloss_jax._numerics import l2_normalize, masked_logsumexp, safe_norm, upcast
 from sslloss_jax._tiled import DEFAULT_BLOCK_SIZE
 from sslloss_jax._types import ArrayLike, AxisName
@@ -212,7 +212,7 @@ def y_aware_infonce_loss(
     n = bl * coll.axis_size(axis_name)
     y_all = coll.all_gather(y, axis_name)  # (N, L)
     k = k_fn(safe_norm(y[:, None, :] - y_all[None, :, :], axis=-1))  # (B, N) sample kernel
-    self_k = jnp.take_along_axis(k, _global_rows(bl, axis_name)[:, None], axis=1)[:, 0]
+    self_k = jnp.take_along_axis(k, coll.global_rows(bl, axis_name)[:, None], axis=1)[:, 0]
     # Σ_k w_jk of a row j (either view of sample j): both views' kernels minus the self term
     col_sum = coll.all_gather(2.0 * jnp.sum(k, axis=1) - self_k, axis_name)  # (N,)
     weights = jnp.tile(k / col_sum[None, :], (2, 2))  # (2B, 2N), rows [z1; z2] local

@@ -77,9 +77,11 @@ def check_implementation(implementation: object, block_size: object) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
-def use_tiled(implementation: str, rows: int, cols: int, axis_name: AxisName) -> bool:
-    """Whether ``implementation`` selects the tiled (or, under ``axis_name``, ring) path
-    for a ``rows × cols`` logit matrix per device (static)."""
+def use_tiled(implementation: str, block_size: int, rows: int, cols: int) -> bool:
+    """Validates ``implementation`` / ``block_size`` and says whether they select the
+    tiled (or, under an ``axis_name``, ring) path for ``rows × cols`` logits per device
+    (static)."""
+    check_implementation(implementation, block_size)
     if implementation == "auto":
         return rows * cols > AUTO_TILED_ELEMENTS
     return implementation == "tiled"
@@ -271,8 +273,7 @@ def tiled_lse(
     if cfg.labels and k_rows.labels is None:
         raise ValueError("tiled_lse: q_rows.labels given without k_rows.labels")
     if axis_name is not None and k_rows.ids is None:
-        k_rows = k_rows._replace(ids=coll.axis_index(axis_name) * k.shape[0]
-                                 + jnp.arange(k.shape[0], dtype=jnp.int32))
+        k_rows = k_rows._replace(ids=coll.global_rows(k.shape[0], axis_name))
     qm = _query_meta(q_rows, q.shape[0], cfg)
     km = _key_meta(k_rows, k.shape[0], cfg)
     return _lse_vjp(cfg, q, k, qm, km)
@@ -308,6 +309,42 @@ def _lse_fwd(cfg, q, k, qm, km):
     return (lse, extra), (q, k, qm, km, lse)
 
 
+def _ring_grads(cfg: _Cfg, q, k, qb, keys, row_xs, coef):
+    """``(dq, dk)`` of ``Σ_ij C_ij · q_i·k_j`` with the tile coefficients
+    ``C = coef(row_x, logits, key_meta)`` (``row_x``: the per-row-block slice of
+    ``row_xs``, e.g. query metadata and cotangents): every tile recomputed, ``dq``
+    accumulated locally, ``dk`` travelling with its key blocks around the ring and sent
+    home at the end. ``dk`` is zero without ``cfg.k_grad``."""
+
+    def chunk_grads(kb, kmb):
+        def row(dk, args):
+            qr, row_x = args
+
+            def col(dq, kargs):
+                kc, m_k = kargs
+                c = coef(row_x, _logits(qr, kc, None), m_k)
+                dkc = jnp.matmul(c.T, qr) if cfg.k_grad else None
+                return dq + jnp.matmul(c, kc), dkc
+
+            dq, dkc = lax.scan(col, jnp.zeros_like(qr), (kb, kmb))
+            return (None if dk is None else dk + dkc), dq
+
+        return lax.scan(row, jnp.zeros_like(kb) if cfg.k_grad else None, (qb, row_xs))
+
+    def step(keys, dq):
+        (kb, kmb), dk = keys
+        dk_add, dq_add = chunk_grads(kb, kmb)
+        return ((kb, kmb), None if dk is None else dk + dk_add), dq + dq_add
+
+    dk0 = jnp.zeros_like(keys[0]) if cfg.k_grad else None
+    (_, dk), dq = _ring_scan(step, (keys, dk0), jnp.zeros_like(qb), cfg.axis_name)
+    if cfg.k_grad:
+        dk = _from_blocks(_ring_next(dk, cfg.axis_name), k.shape[0])  # the last hop home
+    else:
+        dk = jnp.zeros_like(k)
+    return _from_blocks(dq, q.shape[0]), dk
+
+
 def _lse_bwd(cfg, res, cts):
     q, k, qm, km, lse = res
     g, g_extra = cts
@@ -317,44 +354,15 @@ def _lse_bwd(cfg, res, cts):
     lseb = _to_blocks(lse, nr, br, 0)
     gpb = (None if g_extra is None else _to_blocks(g_extra[0].astype(q.dtype), nr, br, 0))
 
-    def chunk_grads(kb, kmb):
-        """(dq [nr, br, D], dk [nc, bc, D] or None) of one set of key blocks."""
+    def coef(row_x, logits, m_k):
+        m_q, g_r, lse_r, gp_r = row_x
+        cand, pos = _masks(m_q, m_k, logits.shape[0], cfg)
+        c = jnp.where(cand, g_r[:, None] * jnp.exp(logits - lse_r[:, None]), 0.0)
+        if pos is not None:
+            c = c + jnp.where(pos, gp_r[:, None], 0.0)
+        return c
 
-        def row(dk, args):
-            qr, m_q, g_r, lse_r, gp_r = args
-
-            def col(dq, kargs):
-                kc, m_k = kargs
-                logits = _logits(qr, kc, None)
-                cand, pos = _masks(m_q, m_k, qr.shape[0], cfg)
-                c = jnp.where(cand, g_r[:, None] * jnp.exp(logits - lse_r[:, None]), 0.0)
-                if pos is not None:
-                    c = c + jnp.where(pos, gp_r[:, None], 0.0)
-                dq = dq + jnp.matmul(c, kc)
-                dkc = jnp.matmul(c.T, qr) if cfg.k_grad \
-                    else None
-                return dq, dkc
-
-            dq, dkc = lax.scan(col, jnp.zeros_like(qr), (kb, kmb))
-            return (None if dk is None else dk + dkc), dq
-
-        dk0 = jnp.zeros_like(kb) if cfg.k_grad else None
-        return lax.scan(row, dk0, (qb, qmb, gb, lseb, gpb))
-
-    def step(keys, carry):
-        (kb, kmb), dk = keys
-        dq = carry
-        dk_add, dq_add = chunk_grads(kb, kmb)
-        dk = None if dk is None else dk + dk_add
-        return ((kb, kmb), dk), dq + dq_add
-
-    dk0 = jnp.zeros_like(keys[0]) if cfg.k_grad else None
-    (_, dk), dq = _ring_scan(step, (keys, dk0), jnp.zeros_like(qb), cfg.axis_name)
-    dq = _from_blocks(dq, q.shape[0])
-    if cfg.k_grad:
-        dk = _from_blocks(_ring_next(dk, cfg.axis_name), k.shape[0])  # the last hop home
-    else:
-        dk = jnp.zeros_like(k)
+    dq, dk = _ring_grads(cfg, q, k, qb, keys, (qmb, gb, lseb, gpb), coef)
     return dq, dk, _none_like(qm), _none_like(km)
 
 
@@ -463,17 +471,15 @@ def tiled_log_sigmoid_sum(
     ``axis_name`` the keys travel around the ring (ids: position in the gathered order).
     """
     cfg = _Cfg(False, True, False, True, block_size, axis_name)
-    offset = coll.axis_index(axis_name) * k.shape[0] if axis_name is not None else 0
-    km = (offset + jnp.arange(k.shape[0], dtype=jnp.int32), None)
+    km = (coll.global_rows(k.shape[0], axis_name), None)
     qm = (None, q_pos.astype(jnp.int32), None)
     return _sig_vjp(cfg, q, k, qm, km)
 
 
-def _sig_tile(q, m_q, k, m_k):
-    logits = _logits(q, k, None)
+def _sig_signs(m_q, m_k):
+    """``(valid, y)`` of a SigLIP tile: real keys, and ±1 for positive / negative pairs."""
     valid = (m_k[0] >= 0)[None, :]
-    y = jnp.where(m_k[0][None, :] == m_q[1][:, None], 1.0, -1.0).astype(logits.dtype)
-    return logits, valid, y
+    return valid, jnp.where(m_k[0][None, :] == m_q[1][:, None], 1.0, -1.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -489,7 +495,9 @@ def _sig_fwd(cfg, q, k, qm, km):
             qr, m_q = args
 
             def col(acc, kargs):
-                logits, valid, y = _sig_tile(qr, m_q, *kargs)
+                logits = _logits(qr, kargs[0], None)
+                valid, y = _sig_signs(m_q, kargs[1])
+                y = y.astype(logits.dtype)
                 return acc + jnp.sum(jnp.where(valid, jax.nn.log_sigmoid(y * logits), 0.0),
                                      axis=1), None
 
@@ -509,32 +517,15 @@ def _sig_bwd(cfg, res, g):
     qb, qmb, keys = _blocks_of(cfg, q, k, qm, km)
     gb = _to_blocks(g.astype(q.dtype), qb.shape[0], qb.shape[1], 0)
 
-    def chunk_grads(kb, kmb):
-        def row(dk, args):
-            qr, m_q, g_r = args
+    def coef(row_x, logits, m_k):
+        m_q, g_r = row_x
+        valid, y = _sig_signs(m_q, m_k)
+        y = y.astype(logits.dtype)
+        # d/dL log σ(yL) = y σ(−yL)
+        return jnp.where(valid, g_r[:, None] * y * jax.nn.sigmoid(-y * logits), 0.0)
 
-            def col(dq, kargs):
-                kc = kargs[0]
-                logits, valid, y = _sig_tile(qr, m_q, *kargs)
-                # d/dL log σ(yL) = y σ(−yL)
-                c = jnp.where(valid, g_r[:, None] * y * jax.nn.sigmoid(-y * logits), 0.0)
-                dq = dq + jnp.matmul(c, kc)
-                return dq, jnp.matmul(c.T, qr)
-
-            dq, dkc = lax.scan(col, jnp.zeros_like(qr), (kb, kmb))
-            return dk + dkc, dq
-
-        return lax.scan(row, jnp.zeros_like(kb), (qb, qmb, gb))
-
-    def step(keys, dq):
-        (kb, kmb), dk = keys
-        dk_add, dq_add = chunk_grads(kb, kmb)
-        return ((kb, kmb), dk + dk_add), dq + dq_add
-
-    (_, dk), dq = _ring_scan(step, (keys, jnp.zeros_like(keys[0])), jnp.zeros_like(qb),
-                             cfg.axis_name)
-    dk = _from_blocks(_ring_next(dk, cfg.axis_name), k.shape[0])
-    return _from_blocks(dq, q.shape[0]), dk, _none_like(qm), _none_like(km)
+    dq, dk = _ring_grads(cfg, q, k, qb, keys, (qmb, gb), coef)
+    return dq, dk, _none_like(qm), _none_like(km)
 
 
 _sig_vjp.defvjp(_sig_fwd, _sig_bwd)

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _tiled as tiled
 from sslloss_jax import _validation as val
-from sslloss_jax._contrastive import _global_rows
 from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
@@ -113,7 +112,6 @@ def clip_loss(
         val.check_temperature(temperature)
     else:
         val.check_scalar_param(logit_scale, "logit_scale")
-    tiled.check_implementation(implementation, block_size)
     a, b = _check_towers(z_a, z_b, axis_name, normalize)
     if logit_scale is None:
         scale = 1.0 / jnp.asarray(temperature, a.dtype)
@@ -122,7 +120,7 @@ def clip_loss(
 
     pos = scale * jnp.sum(a * b, axis=1)  # L_ii, shape (B,)
     n = a.shape[0] * coll.axis_size(axis_name)
-    if tiled.use_tiled(implementation, a.shape[0], n, axis_name):
+    if tiled.use_tiled(implementation, block_size, a.shape[0], n):
         lse = sum(tiled.tiled_lse(scale * q, k, block_size=block_size, axis_name=axis_name)[0]
                   for q, k in ((a, b), (b, a)))
     elif axis_name is None:  # one N×N matrix serves both directions
@@ -186,20 +184,19 @@ def siglip_loss(
     """
     val.check_scalar_param(t, "t")
     val.check_scalar_param(b, "b")
-    tiled.check_implementation(implementation, block_size)
     z_a, z_b = _check_towers(z_a, z_b, axis_name, normalize)
     dtype = z_a.dtype
     scale = jnp.exp(jnp.asarray(t, dtype))
     rows = z_a.shape[0]
-    if tiled.use_tiled(implementation, rows, rows * coll.axis_size(axis_name), axis_name):
+    if tiled.use_tiled(implementation, block_size, rows, rows * coll.axis_size(axis_name)):
         # the bias rides along as one more feature: [e^t·a, 1]·[b, bias] = e^t·a·b + bias
         q = jnp.concatenate([scale * z_a, jnp.ones((rows, 1), dtype)], axis=1)
         k = jnp.concatenate([z_b, jnp.full((rows, 1), jnp.asarray(b, dtype))], axis=1)
-        loglik = tiled.tiled_log_sigmoid_sum(q, k, _global_rows(rows, axis_name),
+        loglik = tiled.tiled_log_sigmoid_sum(q, k, coll.global_rows(rows, axis_name),
                                              block_size=block_size, axis_name=axis_name)
         return coll.global_mean(-jnp.sum(loglik), rows, axis_name)
     logits = scale * (z_a @ coll.all_gather(z_b, axis_name).T) + jnp.asarray(b, dtype)
     cols = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :]
-    positive = cols == _global_rows(z_a.shape[0], axis_name)[:, None]
+    positive = cols == coll.global_rows(z_a.shape[0], axis_name)[:, None]
     loglik = jax.nn.log_sigmoid(jnp.where(positive, logits, -logits))
     return coll.global_mean(-jnp.sum(loglik), z_a.shape[0], axis_name)
