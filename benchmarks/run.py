@@ -37,9 +37,11 @@ DEFAULT_ORACLE_PYTHON = Path.home() / ".cache/sslloss-oracle/venv/bin/python"
 @dataclasses.dataclass(frozen=True)
 class Loss:
     ours: str  # function name in sslloss_jax
-    lightly: str  # class name in lightly.loss (dotted for submodules)
+    lightly: str  # class name in lightly.loss (dotted for submodules); "" = none
     kwargs: dict  # hyperparameters, identical on both sides
     kind: str = "pair"  # how inputs are built and passed: see make_inputs / build_*
+    floor: str | None = "gram_exp"  # the unavoidable operations: see FLOORS
+    ours_kwargs: dict = dataclasses.field(default_factory=dict)  # ours only (e.g. impl)
 
 
 LOSSES = {
@@ -58,7 +60,36 @@ LOSSES = {
                                            "sinkhorn_epsilon": 0.05}, kind="swav"),
     "msn": Loss("msn_loss", "MSNLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
                                         "regularization_weight": 1.0}, kind="msn"),
+    "pmsn": Loss("pmsn_loss", "PMSNLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
+                                           "power_law_exponent": 0.25}, kind="msn"),
+    "ntxent_dense": Loss("ntxent_loss", "NTXentLoss", {"temperature": 0.5},
+                         ours_kwargs={"implementation": "dense"}),
+    "directclr": Loss("directclr_loss", "DirectCLRLoss", {"loss_dim": 64, "temperature": 0.5}),
+    "macl": Loss("macl_loss", "MACLLoss", {"temperature": 0.1, "alpha": 0.5, "A_0": 0.0}),
+    "koleo": Loss("koleo_loss", "KoLeoLoss", {}, kind="single"),
+    "frossl": Loss("frossl_loss", "FroSSLLoss", {}, kind="views"),
+    "emp_ssl": Loss("emp_ssl_loss", "EMPSSLLoss", {"tcr_eps": 0.2, "inv_coef": 200.0},
+                    kind="views"),
+    "mmcr": Loss("mmcr_loss", "MMCRLoss", {"lmda": 5e-3}, kind="mmcr", floor=None),
+    "wmse": Loss("wmse_loss", "WMSELoss", {}, kind="wmse"),
+    "sigreg": Loss("sigreg", "lejepa_loss.SIGReg", {}, kind="proj", floor="slices"),
+    "lejepa": Loss("lejepa_loss", "LeJEPALoss", {}, kind="jepa", floor="slices"),
+    "visreg": Loss("visreg_loss", "VISRegLoss", {}, kind="jepa", floor="slices"),
+    "paka": Loss("patch_kernel_alignment_loss", "PatchKernelAlignmentLoss", {}, kind="tokens",
+                 floor="kernel"),
+    "capi": Loss("capi_loss", "CAPILoss", {}, kind="tokens", floor="lse"),
+    "ibotpp": Loss("ibot_plus_plus_patch_loss", "IBOTPlusPlusPatchLoss",
+                   {"teacher_temp": 0.04, "student_temp": 0.1, "center_momentum": 0.9},
+                   kind="ibotpp", floor="lse"),
+    "detcon_s": Loss("detcon_s_loss", "DetConSLoss", {"temperature": 0.1}, kind="region"),
 }
+# Floors of the curated kinds that are not the default gram_exp.
+for _name, _floor in (("barlow", "gram"), ("vicreg", "gram"), ("negcos", None),
+                      ("hypersphere", "gram_exp_views"), ("ntxent_bank", "bank_exp"),
+                      ("tico", "tico"), ("dino", "lse"), ("swav", "lse"), ("msn", "proj_lse"),
+                      ("pmsn", "proj_lse"), ("koleo", "gram"), ("frossl", "cov"),
+                      ("emp_ssl", "cov"), ("wmse", "cov")):
+    LOSSES[_name] = dataclasses.replace(LOSSES[_name], floor=_floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +99,23 @@ class Row:
     dim: int
     bank: int = 0  # memory bank (NT-Xent) or queue (SwaV) rows
     k: int = 0  # prototypes (SwaV, MSN); DINO's K is ``dim``
-    # DINO/SwaV: (global/high, local/low) crops; MSN: (1, anchor views - 1)
+    # DINO/SwaV: (global/high, local/low) crops; MSN: (1, anchor views - 1); views kinds
+    # (FroSSL, EMP-SSL, MMCR, SIGReg): (views, 0)
     crops: tuple[int, int] = (0, 0)
+    tokens: int = 0  # patch tokens per image (token kinds) or regions (DetCon)
+
+    @property
+    def registry(self) -> bool:
+        """A row of the registry's example configuration, ours only (no lightly twin)."""
+        return self.loss not in LOSSES
 
     @property
     def name(self) -> str:
+        if self.registry:
+            return f"{self.loss} b{self.batch} d{self.dim} (registry example)"
         name = f"{self.loss} b{self.batch} d{self.dim}"
+        if self.tokens:
+            name += f" t{self.tokens}"
         if self.k:
             name += f" k{self.k}"
         if any(self.crops):
@@ -103,17 +145,50 @@ ROWS = [
     Row("tico", 256, 256),
     Row("tico", 256, 2048),
     Row("msn", 64, 256, k=1024, crops=(1, 10)),
+    # the scale issue: "ntxent b4096" (8192 rows) is above the "auto" threshold, so tiled;
+    # this row forces the dense path at the same shape
+    Row("ntxent_dense", 4096, 128),
+    # one row per remaining loss that lightly has
+    Row("pmsn", 64, 256, k=1024, crops=(1, 10)),
+    Row("directclr", 256, 128),
+    Row("macl", 256, 128),
+    Row("koleo", 256, 128),
+    Row("frossl", 256, 128, crops=(2, 0)),
+    Row("emp_ssl", 256, 128, crops=(4, 0)),
+    Row("mmcr", 256, 128, crops=(2, 0)),
+    Row("wmse", 256, 128),
+    Row("sigreg", 256, 128, crops=(2, 0)),
+    Row("lejepa", 256, 128, crops=(2, 6)),
+    Row("visreg", 256, 128, crops=(2, 6)),
+    Row("paka", 64, 256, tokens=64),
+    Row("capi", 64, 1024, tokens=64),
+    Row("ibotpp", 64, 8192, tokens=64),
+    Row("detcon_s", 64, 128, tokens=16),
 ]
 
 # Targets on ours/lightly time ratios (lower is better).
-GEOMEAN_TARGET, MAX_RATIO_TARGET, BIG_D_SPEEDUP = 0.2, 0.8, 25.0
+GEOMEAN_TARGET, MAX_RATIO_TARGET, BIG_D_SPEEDUP, ROOFLINE_TARGET = 0.2, 0.8, 25.0, 1.3
 BIG_D_ROWS = ("barlow b256 d8192", "vicreg b256 d8192")
 BUSY_WARNING = 0.1  # CPU fraction used by other processes that makes timings unreliable
 
 
+def registry_rows(batch: int = 256, dim: int = 128) -> list[Row]:
+    """One ours-only row per registry loss that no curated row above covers, at the
+    registry's example configuration (``LossSpec.example(rng, batch, dim)``)."""
+    from sslloss_jax import _registry
+
+    covered = {LOSSES[r.loss].ours for r in ROWS}
+    return [Row(spec.name, batch, dim) for spec in _registry.LOSSES
+            if spec.name not in covered]
+
+
+def all_rows() -> list[Row]:
+    return ROWS + registry_rows()
+
+
 def quick_rows(rows: list[Row]) -> list[Row]:
-    small = (Row(r.loss, min(r.batch, 32), min(r.dim, 64), min(r.bank, 128), min(r.k, 64),
-                 r.crops) for r in rows)
+    small = (Row(r.loss, min(r.batch, 32), min(r.dim, 16 if r.loss == "wmse" else 64),
+                 min(r.bank, 128), min(r.k, 64), r.crops, min(r.tokens, 8)) for r in rows)
     return list(dict.fromkeys(small))
 
 
@@ -139,12 +214,33 @@ def make_inputs(row: Row) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
+    if row.registry:
+        raise ValueError(f"{row.name}: registry rows build their inputs in the worker")
     kind = LOSSES[row.loss].kind
     normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-    if kind in ("pair", "tico"):
-        x0 = normal(row.batch, row.dim)
-        return {"x0": x0, "x1": x0 + np.float32(0.5) * normal(row.batch, row.dim)}
     vg, vl = row.crops
+    if kind in ("pair", "tico", "wmse", "single"):
+        x0 = normal(row.batch, row.dim)
+        out = {"x0": x0, "x1": x0 + np.float32(0.5) * normal(row.batch, row.dim)}
+        return {"x0": x0} if kind == "single" else out
+    if kind in ("views", "proj", "jepa"):
+        x = normal(row.batch, row.dim)
+        views = np.stack([x + np.float32(0.5) * normal(row.batch, row.dim)
+                          for _ in range(vg + vl)])
+        return {"views": views} if kind != "jepa" else {"global": views[:vg],
+                                                        "local": views[vg:]}
+    if kind == "mmcr":
+        online = normal(row.batch, vg, row.dim)
+        return {"online": online, "momentum": online + np.float32(0.5) * online.std()
+                * normal(row.batch, vg, row.dim)}
+    if kind in ("tokens", "ibotpp"):
+        teacher = normal(row.batch, row.tokens, row.dim)
+        return {"student": teacher + normal(row.batch, row.tokens, row.dim),
+                "teacher": teacher}
+    if kind == "region":
+        views = normal(2, row.batch, row.tokens, row.dim)
+        masks = rng.integers(0, 4, (2, row.batch, row.tokens)).astype(np.int64)
+        return {"views": views, "masks": masks}
     if kind == "dino":
         return {"teacher": normal(vg, row.batch, row.dim),
                 "student": normal(vg + vl, row.batch, row.dim)}
@@ -174,7 +270,8 @@ def import_ours(threads: int) -> dict:
 
 def ours_step(row: Row, arrays: dict):
     """``(fn, diff, rest, has_aux)``: the loss as ``fn(*diff, *rest)``, differentiated in
-    ``diff``. Teachers, targets and queues get no gradient (they need none)."""
+    ``diff``. Teachers, targets and queues get no gradient (they need none). With
+    ``has_aux`` the loss returns ``(value, new_state)`` and the state is one of ``rest``."""
     import functools
 
     import jax
@@ -182,14 +279,42 @@ def ours_step(row: Row, arrays: dict):
 
     import sslloss_jax as S
 
+    if row.registry:
+        return registry_step(row)
     spec = LOSSES[row.loss]
-    fn = functools.partial(getattr(S, spec.ours), **spec.kwargs)
+    fn = functools.partial(getattr(S, spec.ours), **spec.kwargs, **spec.ours_kwargs)
     a = {k: jnp.asarray(v) for k, v in arrays.items()}
+    key = jax.random.key(0)
     if spec.kind == "pair":
         rest = (S.init_memory_bank(jax.random.key(0), row.bank, row.dim),) if row.bank else ()
         return fn, (a["x0"], a["x1"]), rest, bool(row.bank)
     if spec.kind == "tico":
         return fn, (a["x0"], a["x1"]), (S.init_tico_state(row.dim),), True
+    if spec.kind == "single":
+        return fn, (a["x0"],), (), False
+    if spec.kind in ("views", "proj"):
+        if spec.kind == "proj":
+            return (lambda views, key: fn(views, key)), (a["views"],), (key,), False
+        return (lambda views: fn(list(views))), (a["views"],), (), False
+    if spec.kind == "mmcr":
+        return fn, (a["online"], a["momentum"]), (), False
+    if spec.kind == "wmse":
+        loss = lambda x0, x1, state, key: fn([x0, x1], state, key, embedding_dim=row.dim,
+                                             w_size=min(256, row.batch))
+        return loss, (a["x0"], a["x1"]), (S.init_wmse_state(row.dim), key), True
+    if spec.kind == "jepa":
+        loss = lambda glob, local, key: fn(local, glob, key)
+        return loss, (a["global"], a["local"]), (key,), False
+    if spec.kind == "tokens":  # PatchKernelAlignment is student first, CAPI teacher first
+        student_first = spec.ours == "patch_kernel_alignment_loss"
+        loss = (lambda st, te: fn(st, te)) if student_first else (lambda st, te: fn(te, st))
+        return loss, (a["student"],), (a["teacher"],), False
+    if spec.kind == "ibotpp":
+        loss = lambda student, teacher, state: fn(teacher, student, state)
+        return loss, (a["student"],), (a["teacher"], S.init_ibot_state(row.dim)), True
+    if spec.kind == "region":
+        masks = a["masks"].astype(jnp.int32)
+        return (lambda v, m: fn(v[0], v[1], m[0], m[1])), (a["views"],), (masks,), False
     if spec.kind == "dino":
         loss = lambda student, teacher, state: fn(teacher, student, state)
         return loss, (a["student"],), (a["teacher"], S.init_dino_state(row.dim)), True
@@ -205,6 +330,183 @@ def ours_step(row: Row, arrays: dict):
     raise ValueError(spec.kind)
 
 
+def registry_spec(row: Row):
+    from sslloss_jax import _registry
+
+    return next(spec for spec in _registry.LOSSES if spec.name == row.loss and not spec.variant)
+
+
+def registry_step(row: Row):
+    """A registry loss at its example configuration, through its uniform ``apply``:
+    gradients to ``grad_argnums`` (all float arrays by default), the state threaded."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    spec = registry_spec(row)
+    ex = spec.example(np.random.default_rng(0), row.batch, row.dim)
+    batch = [jnp.asarray(b) for b in ex.batch]
+    grad = [i for i in (spec.grad_argnums or range(len(batch))) if i not in spec.raw_argnums]
+    other = [i for i in range(len(batch)) if i not in grad]
+
+    def fn(*args):
+        full = [None] * len(batch)
+        for i, x in zip(grad + other, args[:-1], strict=True):
+            full[i] = x
+        return spec.apply(tuple(full), args[-1])
+
+    return fn, tuple(batch[i] for i in grad), (*(batch[i] for i in other), ex.state), True
+
+
+# The operations a loss's best formulation cannot avoid, as a bare jitted program on the
+# row's own arrays (its forward and backward matrix products, exp/log passes): the
+# denominator of the roofline column. ``None``: the row is not matmul- or exp-dominated
+# (elementwise, SVD, sorting, matching); the reason is printed instead.
+FLOOR_NOTES = {
+    None: "not matmul/exp-dominated",
+    "gram_exp": "X·Xᵀ, exp, (·)·X over both views stacked",
+    "gram_exp_views": "X·Xᵀ, exp, (·)·X per view",
+    "cross_exp": "A·Bᵀ, exp, (·)·B and (·)ᵀ·A",
+    "bank_exp": "Q·[K; bank]ᵀ, exp, (·)·[K; bank]",
+    "gram": "two views' Gram (B<D) or cross-covariance (B≥D) forward and backward",
+    "cov": "per view Z·Zᵀ·Z (B<D) or Z·(ZᵀZ) (B≥D)",
+    "tico": "ZᵀZ and Z·C' (2 B·D² products)",
+    "lse": "logsumexp of the student (+ its gradient), exp of the teacher",
+    "proj_lse": "anchors·protosᵀ logsumexp forward and backward, exp of targets·protosᵀ",
+    "slices": "projections X·A forward and backward, with cos/sin at the 17 knots (SIGReg, "
+              "LeJEPA) or the sort of every slice along the batch (VISReg)",
+    "kernel": "per-image token kernels of both sides and the backward product",
+}
+REGISTRY_FLOORS = {
+    "infonce_loss": "gram_exp", "fovi_simclr_loss": "gram_exp", "co2_regularizer": "gram_exp",
+    "y_aware_infonce_loss": "gram_exp", "supcon_loss": "gram_exp", "uniformity_loss": "gram_exp",
+    "mocov3_loss": "cross_exp", "clip_loss": "cross_exp", "siglip_loss": "cross_exp",
+    "co2_memory_bank_regularizer": "bank_exp", "directclr_memory_bank_loss": "bank_exp",
+    "ressl_loss": "bank_exp", "nnclr_loss": "bank_exp", "ibot_patch_loss": "lse",
+    "idmm_loss": "lse", "vibcreg_loss": "cov",
+}
+
+
+def floor_kind(row: Row) -> str | None:
+    return REGISTRY_FLOORS.get(row.loss) if row.registry else LOSSES[row.loss].floor
+
+
+def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | None:
+    """The jitted floor program of the row (see FLOOR_NOTES), or None."""
+    import jax
+    import jax.numpy as jnp
+
+    kind = floor_kind(row)
+    if kind is None:
+        return None
+    # the row's float inputs: what gets a gradient, and (registry rows) the other views
+    views = [x for x in (*diff, *(rest[:-1] if row.registry else ()))
+             if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+             and x.ndim >= 2]
+    flat = [x.reshape(-1, x.shape[-1]) for x in views]
+    lse_grad = jax.grad(lambda s: jax.nn.logsumexp(s, axis=-1).sum())
+    if not row.registry and "loss_dim" in LOSSES[row.loss].kwargs:
+        flat = [x[:, :LOSSES[row.loss].kwargs["loss_dim"]] for x in flat]
+
+    def gram_exp(x):
+        return jnp.exp(x @ x.T) @ x
+
+    if kind == "gram_exp":
+        fn, args = (lambda *xs: gram_exp(jnp.concatenate(xs))), flat
+    elif kind == "gram_exp_views":
+        fn, args = (lambda *xs: [gram_exp(x) for x in xs]), flat
+    elif kind == "cross_exp":
+        def fn(a, b):
+            e = jnp.exp(a @ b.T)
+            return e @ b, e.T @ a
+        args = flat[:2]
+    elif kind == "bank_exp":
+        bank = next(x for x in rest if hasattr(x, "bank")).bank
+        fn = lambda q, k, bank: (jnp.exp(q @ jnp.concatenate([k, bank]).T)
+                                 @ jnp.concatenate([k, bank]))
+        args = (*(x[:, : bank.shape[1]] for x in flat[:2]), bank)  # DirectCLR: loss_dim
+    elif kind in ("gram", "cov"):
+        def one(x):
+            return (x @ x.T) @ x if x.shape[0] < x.shape[1] else x @ (x.T @ x)
+
+        if kind == "gram" and len(flat) == 2:  # Barlow/VICReg: both views, both directions
+            def fn(a, b):
+                if a.shape[0] < a.shape[1]:
+                    m = (a @ a.T) * (b @ b.T)
+                    return m @ a, m @ b
+                c = a.T @ b
+                return b @ c.T, a @ c
+        elif kind == "gram":  # KoLeo: one Gram matrix and its row maxima
+            fn = lambda x: jnp.max(x @ x.T, axis=1)
+        else:
+            fn = lambda *xs: [one(x) for x in xs]
+        args = flat
+    elif kind == "tico":
+        fn, args = (lambda a, c: a @ (c + a.T @ a)), (flat[0], rest[0].covariance)
+    elif kind == "lse":
+        student = diff[0]
+        teacher = [x for x in rest if isinstance(x, jax.Array)
+                   and jnp.issubdtype(x.dtype, jnp.floating)]
+        if not teacher and row.loss == "swav":  # the high-resolution crops' codes
+            teacher = [student[: row.crops[0]]]
+        fn, args = (lambda s, *t: (lse_grad(s), [jnp.exp(x).sum() for x in t])), (student,
+                                                                                    *teacher)
+    elif kind == "proj_lse":
+        anchors, protos = diff
+        targets = rest[0]
+        g = jax.grad(lambda a, p: jax.nn.logsumexp(a @ p.T, axis=-1).sum(), argnums=(0, 1))
+        fn, args = (lambda a, p, t: (g(a, p), jnp.exp(t @ p.T).sum())), (anchors, protos,
+                                                                         targets)
+    elif kind == "slices":
+        x = jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in diff])
+        visreg = LOSSES[row.loss].ours == "visreg_loss"
+        s = 4096 if visreg else 1024
+        a = jax.random.normal(jax.random.key(1), (x.shape[-1], s), x.dtype)
+        knots = jnp.linspace(0.0, 3.0, 17, dtype=x.dtype)
+        if visreg:  # the shape term sorts every slice's projections along the batch
+            g = jax.grad(lambda x, a: jnp.sum(jnp.sort(x @ a, axis=0) * knots[1]))
+        else:
+            g = jax.grad(lambda x, a: jnp.sum(jnp.cos((x @ a)[..., None] * knots))
+                         + jnp.sum(jnp.sin((x @ a)[..., None] * knots)))
+        fn, args = g, (x, a)
+    elif kind == "kernel":
+        def fn(s, t):
+            ks, kt = s @ jnp.swapaxes(s, -1, -2), t @ jnp.swapaxes(t, -1, -2)
+            return (ks * kt) @ s
+        args = (diff[0], rest[0])
+    else:
+        raise ValueError(kind)
+    compiled = jax.jit(fn).lower(*args).compile()
+    return lambda: jax.block_until_ready(compiled(*args))
+
+
+def count_retraces(fn, diff: tuple, rest: tuple, has_aux: bool, steps: int = 3) -> int:
+    """Traces of a ``jax.jit`` train step over ``steps`` calls, minus the first one. The
+    new state is fed back (where ``rest`` holds an input of the same pytree structure), as
+    a training loop does, so a state whose dtype, weak type or shape drifts shows here."""
+    import jax
+
+    traces = 0
+
+    def counted(*args):
+        nonlocal traces
+        traces += 1
+        return fn(*args)
+
+    step = jax.jit(jax.value_and_grad(counted, argnums=tuple(range(len(diff))),
+                                      has_aux=has_aux))
+    rest = list(rest)
+    for _ in range(steps):
+        out, _ = step(*diff, *rest)
+        if has_aux and out[1] is not None:
+            aux = out[1]
+            where = [i for i, r in enumerate(rest)
+                     if jax.tree.structure(r) == jax.tree.structure(aux)]
+            if where:
+                rest[where[0]] = aux
+        jax.block_until_ready(out)
+    return traces - 1
+
+
 def build_ours(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
     import jax
 
@@ -214,11 +516,15 @@ def build_ours(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
     jax.block_until_ready(args)
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
-    info = {"compile_ms": 1e3 * (time.perf_counter() - t0)}
+    info: dict = {"compile_ms": 1e3 * (time.perf_counter() - t0)}
     mem = compiled.memory_analysis()
     if mem is not None and getattr(mem, "temp_size_in_bytes", None) is not None:
         info["xla_temp_mib"] = mem.temp_size_in_bytes / 2**20
-    return (lambda: jax.block_until_ready(compiled(*args))), info
+    info["retraces"] = count_retraces(fn, diff, rest, has_aux)
+    info["floor"] = floor_kind(row)
+    floor = floor_step(row, diff, rest)
+    call = lambda: jax.block_until_ready(compiled(*args))
+    return call, {**info, "floor_call": floor}
 
 
 def import_lightly(threads: int) -> dict:
@@ -255,12 +561,39 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
         kwargs["memory_bank_size"] = (row.bank, row.dim)
     if spec.kind == "dino":
         kwargs = {"output_dim": row.dim, "warmup_teacher_temp": kwargs["teacher_temp"], **kwargs}
+    if spec.kind == "ibotpp":
+        kwargs["output_dim"] = row.dim
+    if spec.kind == "wmse":
+        kwargs.update(embedding_dim=row.dim, w_size=min(256, row.batch))
+    if spec.lightly.startswith("lejepa_loss."):
+        import lightly.loss.lejepa_loss  # noqa: F401
     criterion = operator.attrgetter(spec.lightly)(lightly.loss)(**kwargs)
     t = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     vg = row.crops[0]
-    if spec.kind in ("pair", "tico"):
+    if spec.kind in ("pair", "tico", "mmcr"):
+        a, b = ("online", "momentum") if spec.kind == "mmcr" else ("x0", "x1")
+        leaves = [t[a], t[b]]
+        call = lambda: criterion(t[a], t[b])
+    elif spec.kind == "single":
+        leaves = [t["x0"]]
+        call = lambda: criterion(t["x0"])
+    elif spec.kind == "wmse":  # sample-major: view i in rows i·B..(i+1)·B
         leaves = [t["x0"], t["x1"]]
-        call = lambda: criterion(t["x0"], t["x1"])
+        call = lambda: criterion(torch.cat([t["x0"], t["x1"]]))
+    elif spec.kind in ("views", "proj"):
+        leaves = [t["views"]]
+        call = lambda: criterion(list(t["views"]) if spec.kind == "views" else t["views"])
+    elif spec.kind == "jepa":
+        leaves = [t["global"], t["local"]]
+        call = lambda: criterion(local_proj=t["local"], global_proj=t["global"])
+    elif spec.kind in ("tokens", "ibotpp"):  # PatchKernelAlignment is student first
+        leaves = [t["student"]]
+        student_first = spec.lightly == "PatchKernelAlignmentLoss"
+        call = ((lambda: criterion(t["student"], t["teacher"])) if student_first
+                else (lambda: criterion(t["teacher"], t["student"])))
+    elif spec.kind == "region":
+        leaves = [t["views"]]
+        call = lambda: criterion(t["views"][0], t["views"][1], t["masks"][0], t["masks"][1])
     elif spec.kind == "dino":
         leaves = [t["student"]]
         call = lambda: criterion(list(t["teacher"]), list(t["student"]), epoch=0)
@@ -332,18 +665,26 @@ def worker(side: str, config: dict) -> None:
         return
     try:
         row = Row(**{**config["row"], "crops": tuple(config["row"]["crops"])})
-        arrays = make_inputs(row)
+        arrays = {} if row.registry else make_inputs(row)
         (step, extra), setup_mib = peak_mib_of(lambda: build(row, arrays))
+        floor = extra.pop("floor_call", None)
         _, peak_mib = peak_mib_of(step)  # first call after compilation, fresh process
-        once = time_calls(step, 1)  # second call: warm-up, sizes the repetitions
         info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib}
-        info["inner"] = max(1, min(config["max_inner"], math.ceil(config["rep_s"] / once)))
+        inner = lambda call: max(1, min(config["max_inner"],
+                                        math.ceil(config["rep_s"] / time_calls(call, 1))))
+        info["inner"] = inner(step)  # second call: warm-up, sizes the repetitions
+        if floor is not None:
+            floor()
+            info["floor_inner"] = inner(floor)
     except Exception as err:  # reported to the parent
         send({"error": f"{type(err).__name__}: {err}", "stage": "setup"})
         return
     send(info)
-    for _ in sys.stdin:
-        send({"s": time_calls(step, info["inner"])})
+    for _ in sys.stdin:  # one repetition of the loss, then one of its floor (same process)
+        msg = {"s": time_calls(step, info["inner"])}
+        if floor is not None:
+            msg["floor_s"] = time_calls(floor, info["floor_inner"])
+        send(msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +712,11 @@ class Worker:
         except OSError as err:
             self.log.close()
             raise WorkerError(str(err), "import") from err
-        self.info = self._recv()
+        try:
+            self.info = self._recv()
+        except WorkerError:
+            self.close()
+            raise
 
     def _recv(self) -> dict:
         line = self.proc.stdout.readline()
@@ -385,36 +730,47 @@ class Worker:
             raise WorkerError(msg["error"], msg["stage"])
         return msg
 
-    def rep(self) -> float:
+    def rep(self) -> dict:
+        """One repetition: ``{"s": seconds per call[, "floor_s": the floor's]}``."""
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
-        return self._recv()["s"]
+        return self._recv()
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait()
-        self.log.close()
+        for stream in (self.proc.stdin, self.proc.stdout, self.log):
+            stream.close()
 
 
-def median_time(reps: dict[str, Callable[[], float]], *, budget_s: float, min_reps: int,
+def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_reps: int,
                 max_reps: int) -> dict[str, dict]:
-    """Calls the ``reps`` round-robin (A B A B ...) and returns each one's median and samples.
+    """Calls the ``reps`` round-robin (A B A B ...) and returns each one's median, min and
+    samples (and those of its floor program, where it reports one).
 
     Stops after ``max_reps`` rounds, or after ``min_reps`` rounds once some side has spent
-    ``budget_s`` seconds. Each rep returns seconds per call.
+    ``budget_s`` seconds. Each rep returns ``{"s": seconds per call, "floor_s"?: ...}``.
     """
-    samples: dict[str, list[float]] = {k: [] for k in reps}
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in reps}
     spent = dict.fromkeys(reps, 0.0)
-    for n in range(1, max_reps + 1):
+    for n in range(1, max_reps + 1 if reps else 1):
         for key, rep in reps.items():
             t0 = time.perf_counter()
-            samples[key].append(rep())
+            for what, sec in rep().items():
+                samples[key].setdefault(what, []).append(sec)
             spent[key] += time.perf_counter() - t0
         if n >= min_reps and max(spent.values()) >= budget_s:
             break
-    return {k: {"median_ms": 1e3 * statistics.median(v), "samples_ms": [1e3 * s for s in v]}
-            for k, v in samples.items()}
+    out: dict[str, dict] = {}
+    for key, by in samples.items():
+        res = out[key] = {}
+        for what, prefix in (("s", ""), ("floor_s", "floor_")):
+            if what in by:
+                res.update({f"{prefix}median_ms": 1e3 * statistics.median(by[what]),
+                            f"{prefix}min_ms": 1e3 * min(by[what]),
+                            f"{prefix}samples_ms": [1e3 * v for v in by[what]]})
+    return out
 
 
 def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
@@ -425,6 +781,8 @@ def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
     results: dict[str, dict] = {}
     try:
         for side, python in list(pythons.items()):
+            if side == "lightly" and row.registry:
+                continue  # registry rows have no lightly twin
             try:
                 workers[side] = Worker(python, side, config)
             except WorkerError as err:
@@ -472,8 +830,89 @@ def check_targets(results: list[dict]) -> list[dict]:
     return targets
 
 
+def roofline(res: dict) -> float | None:
+    ours = res.get("ours", {})
+    if "median_ms" in ours and "floor_median_ms" in ours:
+        return ours["median_ms"] / ours["floor_median_ms"]
+    return None
+
+
+def check_quality(results: list[dict]) -> list[dict]:
+    """Targets that need no lightly: zero retraces, and the roofline on the floor rows."""
+    out = []
+    traced = [r for r in results if "retraces" in r["sides"].get("ours", {})]
+    if traced:
+        bad = [r["name"] for r in traced if r["sides"]["ours"]["retraces"] != 0]
+        out.append({"target": "0 retraces over repeated steps on every row"
+                    + (f" (fails: {', '.join(bad)})" if bad else ""),
+                    "value": float(len(bad)), "pass": not bad})
+    roofs = {r["name"]: r["roofline"] for r in results if r.get("roofline") is not None}
+    if roofs:
+        over = sorted((n for n, v in roofs.items() if v > ROOFLINE_TARGET), key=roofs.get)
+        out.append({"target": f"roofline <= {ROOFLINE_TARGET} on the {len(roofs)} rows with a "
+                    f"floor ({len(over)} above: {', '.join(over) or 'none'})",
+                    "value": max(roofs.values()), "pass": not over})
+    return out
+
+
 def fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+HEAD = ("row", "ours ms", "min ms", "compile ms", "retraces", "lightly ms", "ours/lightly",
+        "floor ms", "roofline", "ours MiB", "XLA temp MiB", "lightly MiB", "others CPU")
+
+
+def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in results:
+        o, t = r["sides"].get("ours", {}), r["sides"].get("lightly", {})
+        rows.append((r["name"], fmt(o.get("median_ms"), ".3f"), fmt(o.get("min_ms"), ".3f"),
+                     fmt(o.get("compile_ms"), ".0f"), fmt(o.get("retraces"), "d"),
+                     fmt(t.get("median_ms"), ".3f"), fmt(r["ratio"], ".3f"),
+                     fmt(o.get("floor_median_ms"), ".3f"), fmt(r.get("roofline"), ".2f"),
+                     fmt(o.get("peak_mib"), ".1f"), fmt(o.get("xla_temp_mib"), ".1f"),
+                     fmt(t.get("peak_mib"), ".1f"), fmt(100 * r["others_cpu"], ".0f") + "%"))
+    return rows
+
+
+def markdown(results: list[dict], meta: dict, targets: list[dict]) -> str:
+    """The report as a markdown table (what the README quotes), then the floors and targets."""
+    lines = [f"sslloss_jax benchmark, {meta['date']}: forward+backward, float32, "
+             f"{meta['cpu']['model']} ({meta['cpu']['cores']} cores), "
+             f"{meta['settings']['threads']} threads per side; "
+             + ", ".join(f"{k} {v}" for k, v in {**meta["ours"], **meta["lightly"]}.items()),
+             "", "| " + " | ".join(HEAD) + " |", "|---" + "|---:" * (len(HEAD) - 1) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    lines += ["", "Floors (the roofline column's denominator, timed in the same worker):", ""]
+    kinds = {r["sides"].get("ours", {}).get("floor", "?") for r in results if "ours" in r["sides"]}
+    lines += [f"- `{k}`: {FLOOR_NOTES.get(k, '?')}" for k in sorted(kinds, key=str)]
+    lines += ["", *(f"- {'PASS' if t['pass'] else 'FAIL'} {t['target']}: {t['value']:.3f}"
+                    for t in targets)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Two bar charts per row: ours/lightly time ratio and the roofline ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.25 * len(names) + 1.5), sharey=True)
+    for ax, key, target, title in ((axes[0], "ratio", MAX_RATIO_TARGET, "ours / lightly time"),
+                                   (axes[1], "roofline", ROOFLINE_TARGET,
+                                    "ours / floor time (roofline)")):
+        vals = [r.get(key) or 0.0 for r in results]
+        ax.barh(range(len(names)), vals, color=["C3" if v > target else "C0" for v in vals])
+        ax.axvline(target, color="k", lw=0.8, ls="--")
+        ax.set(title=title, xscale="log" if key == "ratio" else "linear")
+    axes[0].set_yticks(range(len(names)), names, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
@@ -483,16 +922,8 @@ def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
              "ours: " + ", ".join(f"{k} {v}" for k, v in meta["ours"].items()),
              "lightly: " + (", ".join(f"{k} {v}" for k, v in meta["lightly"].items())
                             if meta["lightly"] else "not found (only our numbers)"), ""]
-    head = ("row", "ours ms", "compile ms", "lightly ms", "ours/lightly", "ours MiB",
-            "XLA temp MiB", "lightly MiB", "others CPU")
-    table = [head]
-    for r in results:
-        o, t = r["sides"].get("ours", {}), r["sides"].get("lightly", {})
-        table.append((r["name"], fmt(o.get("median_ms"), ".3f"), fmt(o.get("compile_ms"), ".0f"),
-                      fmt(t.get("median_ms"), ".3f"), fmt(r["ratio"], ".3f"),
-                      fmt(o.get("peak_mib"), ".1f"), fmt(o.get("xla_temp_mib"), ".1f"),
-                      fmt(t.get("peak_mib"), ".1f"), fmt(100 * r["others_cpu"], ".0f") + "%"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    table = [HEAD, *table_rows(results)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(HEAD))]
     for row in table:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))
@@ -575,6 +1006,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(e.g. 'ntxent b256,barlow')")
     p.add_argument("--quick", action="store_true", help="small shapes, 1-2 reps (smoke test)")
     p.add_argument("--json", type=Path, help="write machine-readable results here")
+    p.add_argument("--md", type=Path, help="write the table as markdown here")
+    p.add_argument("--png", type=Path, help="plot the ratio and roofline columns here")
     p.add_argument("--lightly-python", help="interpreter with torch + lightly for the lightly "
                    "side (default: this one, if it can import them)")
     p.add_argument("--no-lightly", action="store_true", help="time only sslloss_jax")
@@ -603,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         worker(args._worker[0], json.loads(args._worker[1]))
         return 0
-    rows = quick_rows(ROWS) if args.quick else ROWS
+    rows = quick_rows(all_rows()) if args.quick else all_rows()
     if args.rows:
         keys = [k.strip() for k in args.rows.split(",") if k.strip()]
         rows = [r for r in rows if any(k in r.name for k in keys)]
@@ -614,7 +1047,10 @@ def main(argv: list[str] | None = None) -> int:
     if python := lightly_python(args):
         pythons["lightly"] = python
     results, versions = [], {}
-    for i, row in enumerate(rows, 1):
+    bar = progress(rows)
+    for i, row in enumerate(bar, 1):
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(row.name)
         t0 = time.perf_counter()
         for _ in range(1 + args.retry_busy):
             wait_idle(args.wait_idle)
@@ -626,22 +1062,37 @@ def main(argv: list[str] | None = None) -> int:
         for side, res in sides.items():
             versions.setdefault(side, res.pop("versions", {}))
         results.append({"name": row.name, **dataclasses.asdict(row), "ratio": ratio(sides),
-                        "others_cpu": others_fraction(start),
+                        "roofline": roofline(sides), "others_cpu": others_fraction(start),
                         "wall_s": time.perf_counter() - t0, "sides": sides})
         summary = ", ".join(f"{s} {v['median_ms']:.3f} ms" for s, v in sides.items()
                             if "median_ms" in v)
-        print(f"[{i}/{len(rows)}] {row.name}: {summary}", file=sys.stderr, flush=True)
+        write = getattr(bar, "write", lambda m: print(m, file=sys.stderr, flush=True))
+        write(f"[{i}/{len(rows)}] {row.name}: {summary}")
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "python": platform.python_version(), "cpu": cpu_info(),
             "ours": versions.get("ours", {}), "lightly": versions.get("lightly", {}),
             "settings": {k: getattr(args, k) for k in
                          ("threads", "budget", "min_reps", "max_reps", "rep_ms", "quick")}}
-    targets = check_targets(results)
+    targets = check_targets(results) + check_quality(results)
     print(report(results, meta, targets))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**meta, "rows": results, "targets": targets}, indent=1))
+    for path, text in ((args.json, lambda: json.dumps(
+            {**meta, "rows": results, "targets": targets}, indent=1)),
+            (args.md, lambda: markdown(results, meta, targets))):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text())
+    if args.png:
+        plot(results, args.png)
     return 0
+
+
+def progress(rows: list[Row]):
+    """A tqdm progress bar over the rows on stderr, or the plain list without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return rows
+    return tqdm(rows, unit="row", file=sys.stderr, dynamic_ncols=True)
 
 
 if __name__ == "__main__":

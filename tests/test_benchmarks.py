@@ -1,0 +1,79 @@
+"""Smoke tests of the benchmark runner (benchmarks/run.py): it covers every registry loss,
+and a quick run of two rows produces every column. Timings themselves are never asserted
+(they belong to benchmarks, not to tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sslloss_jax import _registry
+
+RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_run"]
+
+
+def test_every_registry_loss_has_a_row(bench):
+    rows = bench.all_rows()
+    covered = {r.loss if r.registry else bench.LOSSES[r.loss].ours for r in rows}
+    missing = {spec.name for spec in _registry.LOSSES} - covered
+    assert not missing, f"losses without a benchmark row: {sorted(missing)}"
+    names = [r.name for r in rows]
+    assert len(names) == len(set(names)), "row names must be unique (--rows selects by them)"
+
+
+def test_curated_rows_name_real_functions(bench):
+    import sslloss_jax as S
+
+    for key, loss in bench.LOSSES.items():
+        assert callable(getattr(S, loss.ours)), key
+        assert loss.floor in bench.FLOOR_NOTES, (key, loss.floor)
+    for name, floor in bench.REGISTRY_FLOORS.items():
+        assert name in {s.name for s in _registry.LOSSES} and floor in bench.FLOOR_NOTES
+
+
+def test_quick_run_reports_every_column(bench, tmp_path, capsys):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = bench.main(["--quick", "--no-lightly", "--rows", "ntxent b32,mocov3_loss",
+                       "--json", str(out_json), "--md", str(out_md)])
+    assert code == 0
+    data = json.loads(out_json.read_text())
+    assert [r["name"] for r in data["rows"]] == ["ntxent b32 d64",
+                                                 "mocov3_loss b32 d64 (registry example)"]
+    for row in data["rows"]:
+        ours = row["sides"]["ours"]
+        assert "error" not in ours, ours
+        for key in ("median_ms", "min_ms", "compile_ms", "floor_median_ms"):
+            assert ours[key] > 0, (row["name"], key)
+        assert ours["peak_mib"] >= 0
+        assert ours["retraces"] == 0
+        assert row["roofline"] > 0
+    assert any(t["target"].startswith("0 retraces") and t["pass"] for t in data["targets"])
+    md = out_md.read_text()
+    assert "| row | ours ms |" in md and "roofline" in md and "gram_exp" in md
+    assert "ntxent b32 d64" in capsys.readouterr().out
+
+
+def test_retrace_counter_sees_a_drifting_state(bench):
+    import jax.numpy as jnp
+
+    def loss(x, state):  # the new state has another dtype: the next call retraces
+        value = jnp.sum(x) * jnp.sum(state).astype(jnp.float32)
+        return value, (state + 1).astype(jnp.float16)
+
+    assert bench.count_retraces(loss, (jnp.ones(3),), (jnp.ones(3),), True) >= 1
+    same = lambda x, state: (jnp.sum(x * state), state + 1)
+    assert bench.count_retraces(same, (jnp.ones(3),), (jnp.ones(3),), True) == 0
