@@ -476,7 +476,20 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
     else:
         raise ValueError(kind)
     compiled = jax.jit(fn).lower(*args).compile()
-    return lambda: jax.block_until_ready(compiled(*args))
+    call = lambda: jax.block_until_ready(compiled(*args))
+    call.cost = xla_cost(compiled)  # type: ignore[attr-defined]
+    return call
+
+
+def xla_cost(compiled) -> dict:
+    """XLA's static cost estimate of a compiled program (flops, transcendentals, bytes)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend/version provides it
+        return {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    keys = ("flops", "transcendentals", "bytes accessed")
+    return {k: float(cost[k]) for k in keys if cost and k in cost}
 
 
 def count_retraces(fn, diff: tuple, rest: tuple, has_aux: bool, steps: int = 3) -> int:
@@ -522,7 +535,10 @@ def build_ours(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
         info["xla_temp_mib"] = mem.temp_size_in_bytes / 2**20
     info["retraces"] = count_retraces(fn, diff, rest, has_aux)
     info["floor"] = floor_kind(row)
+    info["cost"] = xla_cost(compiled)
     floor = floor_step(row, diff, rest)
+    if floor is not None:
+        info["floor_cost"] = floor.cost  # type: ignore[attr-defined]
     call = lambda: jax.block_until_ready(compiled(*args))
     return call, {**info, "floor_call": floor}
 
@@ -889,7 +905,27 @@ def markdown(results: list[dict], meta: dict, targets: list[dict]) -> str:
     lines += [f"- `{k}`: {FLOOR_NOTES.get(k, '?')}" for k in sorted(kinds, key=str)]
     lines += ["", *(f"- {'PASS' if t['pass'] else 'FAIL'} {t['target']}: {t['value']:.3f}"
                     for t in targets)]
+    misses = roofline_misses(results)
+    if misses:
+        lines += ["", f"Rows above the roofline target {ROOFLINE_TARGET}, with XLA's static cost "
+                  "of ours relative to the floor (flops, transcendentals, bytes accessed):", ""]
+        lines += [f"- {m}" for m in misses]
     return "\n".join(lines) + "\n"
+
+
+def roofline_misses(results: list[dict]) -> list[str]:
+    out = []
+    for r in results:
+        if r.get("roofline") is None or r["roofline"] <= ROOFLINE_TARGET:
+            continue
+        ours = r["sides"]["ours"]
+        cost, floor = ours.get("cost", {}), ours.get("floor_cost", {})
+        parts = [f"{k} ×{cost[k] / floor[k]:.2f}" for k in ("flops", "transcendentals",
+                                                              "bytes accessed")
+                 if cost.get(k) and floor.get(k)]
+        out.append(f"{r['name']}: roofline {r['roofline']:.2f}; "
+                   f"{', '.join(parts) or 'no cost estimate'}")
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -935,6 +971,9 @@ def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
     if busy:
         lines += ["", f"WARNING: other processes used >= {BUSY_WARNING:.0%} of the CPU during "
                   f"{', '.join(busy)}: those timings are unreliable (torch's most)"]
+    misses = roofline_misses(results)
+    if misses:
+        lines += ["", "roofline misses (ours/floor in XLA's static cost):", *misses]
     lines.append("")
     if not targets:
         lines.append("targets: not checked (no row has both sides)")
