@@ -21,3 +21,32 @@ jax.config.update("jax_num_cpu_devices", 8)
 # library: it must work for users who run with the strictest settings.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+# The slowest tests (10-60 s each on 2 cores: end-to-end training, many compilations).
+# CI runs them on the main leg; the newest-JAX leg skips them with -m "not slow" (it checks
+# compatibility, and the main leg already checks these same code paths).
+SLOW_TESTS = (
+    "tests/test_demo.py::test_demo_tiny[dino_loss]",
+    "tests/test_demo.py::test_demo_tiny[swav_loss]",
+    "tests/test_demo.py::test_default_config_learns",
+    "tests/test_benchmarks.py::test_quick_run_reports_every_column",
+    "tests/test_quality.py",
+    "tests/test_golden.py::test_extra_value_grads_and_terms[vicregl",
+    "tests/test_contrastive.py::test_dclw_gradient_is_dcl_gradient_with_frozen_weights",
+    "tests/test_contrastive.py::test_symmetric_vjp_matches_autodiff_path",
+    "tests/test_contrastive.py::test_co2_lightly_value_gradient_and_bank",
+    "tests/test_clustering.py::test_swav_gradient_is_cross_entropy_with_frozen_codes",
+    "tests/test_clustering.py::test_msn_pmsn_lightly_values_and_layouts",
+    "tests/test_clustering.py::test_swav_does_not_overflow_where_lightly_does",
+    "tests/test_lightly_extra.py::test_detcon_",
+    "tests/test_checkpoint.py::test_resumed_train_run_is_bit_identical",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
