@@ -16,8 +16,10 @@ from sslloss_jax._memory_bank import MemoryBankState, init_memory_bank, memory_b
 from sslloss_jax._numerics import (
     l2_normalize,
     masked_logsumexp,
+    max_leading,
     other_views_sum,
     soft_cross_entropy,
+    sum_leading,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -356,7 +358,7 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
     codes = jnp.tile(lax.stop_gradient(codes), (anchors.shape[0] // b, 1))
     n = anchors.shape[0]
     ce = coll.global_mean(-jnp.sum(codes * anchor_logp), n, axis_name)
-    mean_probs = coll.global_mean(jnp.sum(jnp.exp(anchor_logp), axis=0), n, axis_name)
+    mean_probs = coll.global_mean(sum_leading(jnp.exp(anchor_logp)), n, axis_name)
     return ce, anchor_logp, mean_probs
 
 
@@ -503,11 +505,11 @@ def _positional_sinkhorn(logits: jax.Array, iterations: int, axis_name: AxisName
     cluster) (``pmax``, so ``exp`` cannot overflow), then alternately normalized over the
     global batch and over clusters, with lightly's ``+1e-8`` in the denominators.
     """
-    shift = coll.pmax(jnp.max(logits, axis=0, keepdims=True), axis_name)
+    shift = coll.pmax(max_leading(logits, keepdims=True), axis_name)
     q = jnp.exp(logits - shift)
 
     def one_round(_, q):
-        q = q / (coll.psum(jnp.sum(q, axis=0, keepdims=True), axis_name) + eps)
+        q = q / (coll.psum(sum_leading(q, keepdims=True), axis_name) + eps)
         return q / (jnp.sum(q, axis=2, keepdims=True) + eps)
 
     return lax.fori_loop(0, iterations, one_round, q)

@@ -13,7 +13,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import other_views_sum, soft_cross_entropy, upcast
+from sslloss_jax._numerics import other_views_sum, soft_cross_entropy, sum_leading, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -99,7 +99,7 @@ def update_center(
     x = x.reshape(-1, x.shape[-1])
     m = jnp.asarray(momentum)
     if where is None:
-        batch_mean = coll.global_mean(jnp.sum(x, axis=0), x.shape[0], axis_name)
+        batch_mean = coll.global_mean(sum_leading(x), x.shape[0], axis_name)
         return (m * center + (1 - m) * batch_mean.astype(center.dtype)).astype(center.dtype)
     w = where.reshape(-1).astype(x.dtype)
     stats = coll.psum(jnp.concatenate([w @ x, jnp.sum(w)[None]]), axis_name)
