@@ -329,9 +329,10 @@ ADAPTERS: dict[str, Adapter] = {
     "co2_memory_bank_regularizer": Adapter(_co2_bank, "added to MoCo (shared bank)",
                                            teacher=True, init_state=_bank()),
     "directclr_memory_bank_loss": Adapter(
-        lambda c: ssl.directclr_memory_bank_loss(c.z[0], c.z[1], c.state, loss_dim=32),
-        "DirectCLR with a memory bank of the first 32 dims",
-        init_state=lambda key, batch, dim: ssl.init_memory_bank(key, 1024, 32)),
+        lambda c: ssl.directclr_memory_bank_loss(c.z[0], c.t[1], c.state,  # type: ignore[index]
+                                                 loss_dim=32, temperature=0.2),
+        "DirectCLR on the first 32 dims, MoCo-style: EMA keys, bank of 1024, tau=0.2",
+        teacher=True, init_state=lambda key, batch, dim: ssl.init_memory_bank(key, 1024, 32)),
     "nnclr_loss": Adapter(_nnclr, "NNCLR: nearest neighbours from a queue of 1024",
                           predictor=True, init_state=_bank()),
     "ressl_loss": Adapter(_ressl, "ReSSL: EMA keys, queue of 1024", predictor=True,
@@ -365,7 +366,8 @@ ADAPTERS: dict[str, Adapter] = {
                          out_dim=16,
                          init_state=lambda key, batch, dim: ssl.init_wmse_state(dim)),
     "frossl_loss": Adapter(lambda c: (ssl.frossl_loss(c.z), c.state), "FroSSL, 2 views"),
-    "emp_ssl_loss": Adapter(lambda c: (ssl.emp_ssl_loss(c.z), c.state), "EMP-SSL, 4 views",
+    "emp_ssl_loss": Adapter(lambda c: (ssl.emp_ssl_loss([_n(z) for z in c.z]), c.state),
+                            "EMP-SSL, 4 L2-normalized views (as the official projector)",
                             views=4),
     "mmcr_loss": Adapter(_mmcr, "MMCR: online and EMA views", teacher=True),
     "dino_loss": Adapter(_dino, "DINO: EMA teacher, center, traced temperature schedule, "
