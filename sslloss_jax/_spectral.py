@@ -113,23 +113,27 @@ class EMPSSLTerms(NamedTuple):
 def _coding_rate(z: jax.Array, eps: ArrayLike, axis_name: AxisName, method: str):
     """mean_v ½ logdet(I + D/(N ε) z_vᵀ z_v) for z of shape (V, B, D), global batch N.
 
-    The log-determinant is Σ log1p(α λ_i) over the eigenvalues of the Gram matrix
-    (V × N × N, from the gathered views) or of the covariance (V × D × D, psum-reduced),
-    whichever is smaller; eigenvalues (not a Cholesky factor) so a nearly singular
-    matrix cannot break it in float32, and gradients stay finite at repeated eigenvalues.
+    The log-determinant of ``I + α·M`` for the Gram matrix M (V × N × N, from the gathered
+    views) or the covariance (V × D × D, psum-reduced), whichever is smaller, as twice the
+    log-diagonal of its Cholesky factor. ``I + α·M`` has every eigenvalue >= 1 (M is
+    positive semi-definite and α > 0), so the factorization cannot fail in float32, and
+    its gradient ``α·(I + α·M)⁻¹`` stays finite for any M (repeated or zero eigenvalues
+    included), without the eigendecomposition an eigenvalue form needs for its gradient.
     """
     v, b, d = z.shape
     n = b * coll.axis_size(axis_name)
     alpha = d / (n * eps)
+
+    def half_logdet(m):
+        chol = jnp.linalg.cholesky(jnp.eye(m.shape[-1], dtype=m.dtype)[None] + alpha * m)
+        return jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+
     if method == "gram" or (method == "auto" and n < d):
         zg = jnp.swapaxes(coll.all_gather(jnp.swapaxes(z, 0, 1), axis_name), 0, 1)  # (V, N, D)
         gram = jnp.einsum("vnd,vmd->vnm", zg, zg)
-        lam = jnp.linalg.eigvalsh(gram)
-        return _replicated(0.5 * jnp.mean(jnp.sum(jnp.log1p(alpha * jnp.maximum(lam, 0.0)),
-                                                  axis=-1)), axis_name)
+        return _replicated(jnp.mean(half_logdet(gram)), axis_name)
     cov = coll.psum(jnp.einsum("vbd,vbe->vde", z, z), axis_name)
-    lam = jnp.linalg.eigvalsh(cov)
-    return 0.5 * jnp.mean(jnp.sum(jnp.log1p(alpha * jnp.maximum(lam, 0.0)), axis=-1))
+    return jnp.mean(half_logdet(cov))
 
 
 def emp_ssl_terms(
