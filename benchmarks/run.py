@@ -716,7 +716,8 @@ class WorkerError(RuntimeError):
 class Worker:
     """A ``--_worker`` child process for one (side, row); ``rep()`` times one repetition."""
 
-    def __init__(self, python: str, side: str, config: dict):
+    def __init__(self, python: str, side: str, config: dict, timeout: float = 600.0):
+        self.timeout = timeout
         self.log = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
@@ -735,6 +736,15 @@ class Worker:
             raise
 
     def _recv(self) -> dict:
+        """The worker's next message; a worker silent for ``timeout`` seconds is killed
+        (a hung program must cost one row, not the run)."""
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+        if not ready:
+            self.proc.kill()
+            self.proc.wait()
+            raise WorkerError(f"no answer within {self.timeout:g} s (killed)")
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
@@ -800,7 +810,7 @@ def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
             if side == "lightly" and row.registry:
                 continue  # registry rows have no lightly twin
             try:
-                workers[side] = Worker(python, side, config)
+                workers[side] = Worker(python, side, config, args.timeout)
             except WorkerError as err:
                 if err.stage == "import":
                     del pythons[side]
@@ -808,8 +818,13 @@ def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
                 else:
                     results[side] = {"error": str(err)}
                     print(f"{row.name}: {side} failed: {err}", file=sys.stderr)
-        timed = median_time({s: w.rep for s, w in workers.items()}, budget_s=args.budget,
-                            min_reps=args.min_reps, max_reps=args.max_reps)
+        try:
+            timed = median_time({s: w.rep for s, w in workers.items()}, budget_s=args.budget,
+                                min_reps=args.min_reps, max_reps=args.max_reps)
+        except WorkerError as err:  # a worker died or hung mid-row: the row has no timing
+            print(f"{row.name}: failed while timing: {err}", file=sys.stderr)
+            return {**results, **{side: {"error": f"while timing: {err}"}
+                                  for side in workers}}
         for side, w in workers.items():
             results[side] = {**w.info, **timed[side]}
     finally:
@@ -1062,6 +1077,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before each row, wait up to S seconds for other processes to go idle")
     p.add_argument("--retry-busy", type=int, default=0, metavar="N",
                    help="measure a row again (up to N times) if the machine was busy during it")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a worker may stay silent before it is killed (default 600)")
     p.add_argument("--list", action="store_true", help="list the selected rows and exit")
     p.add_argument("--_worker", nargs=2, metavar=("SIDE", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1105,8 +1122,14 @@ def main(argv: list[str] | None = None) -> int:
                         "wall_s": time.perf_counter() - t0, "sides": sides})
         summary = ", ".join(f"{s} {v['median_ms']:.3f} ms" for s, v in sides.items()
                             if "median_ms" in v)
-        write = getattr(bar, "write", lambda m: print(m, file=sys.stderr, flush=True))
-        write(f"[{i}/{len(rows)}] {row.name}: {summary}")
+        if args.json:  # after every row, so an interrupted run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"partial": True, "rows": results}, indent=1))
+        line = f"[{i}/{len(rows)}] {row.name}: {summary}"
+        if hasattr(bar, "write"):  # above the progress bar, on stderr with it
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "python": platform.python_version(), "cpu": cpu_info(),
             "ours": versions.get("ours", {}), "lightly": versions.get("lightly", {}),
