@@ -380,7 +380,8 @@ files = sorted((root / "benchmarks" / "results").glob("*-cpu.json"))
 print([f.name for f in files])
 data = json.loads(files[-1].read_text())
 print(data["date"], data["cpu"], data["ours"], data["lightly"])
-rows = [r for r in data["rows"] if "lightly" in r.get("sides", {}) and "ours" in r["sides"]]
+rows = [r for r in data["rows"]  # rows where both sides have a timing
+        if all("median_ms" in r.get("sides", {}).get(s, {}) for s in ("ours", "lightly"))]
 len(rows)"""),
     ("code", """\
 names = [r["name"] for r in rows]

@@ -296,14 +296,14 @@ def test_bfloat16_inputs():
 
 
 def test_rank_deficient_sub_batch_is_finite_with_shrinkage():
-    """Duplicated samples make each sub-batch's covariance singular: lightly's Cholesky
-    fails (eps = 0, NaN here); any eps > 0 keeps value and gradients finite."""
+    """Duplicated samples make each sub-batch's covariance singular: with eps = 0 its
+    Cholesky factor is at the mercy of round-off (NaN, or a finite value on some CPUs'
+    LAPACK, as lightly's); any eps > 0 keeps value and gradients finite."""
     base = _r(66, (4, 4), np.float32)
     x = np.concatenate([np.tile(base, (2, 1)), np.tile(base + 0.1, (2, 1))])  # 2 views of 8
     state = init_wmse_state(4)
     f = jax.jit(jax.value_and_grad(
         lambda x, eps: wmse_loss(x, state, embedding_dim=4, w_size=8, eps=eps)[0]))
-    assert np.isnan(f(x, 0.0)[0])
     loss, g = f(jnp.asarray(x), 1e-3)
     assert np.isfinite(loss) and np.all(np.isfinite(g))
     zeros, gz = f(jnp.zeros((16, 4)), 0.1)
