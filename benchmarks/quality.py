@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -45,10 +46,6 @@ from typing import Any
 THRESHOLD = 0.02  # minimum margin (trained - random init, few-label kNN) to "beat" it
 QUICK_LOSSES = ("ntxent_loss", "byol_regression_loss")
 METRICS = ("knn_few", "knn_all", "linear")
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def run_loss(name: str, *, steps: int, batch_size: int, arch: str, seeds: Sequence[int],
@@ -64,9 +61,9 @@ def run_loss(name: str, *, steps: int, batch_size: int, arch: str, seeds: Sequen
         tail = r.losses[-10:]
         per_seed.append({"seed": seed, "trained": r.trained, "random_init": r.random_init,
                          "pixels": r.pixels, "first_loss": r.losses[0],
-                         "final_loss": _mean(tail), "train_seconds": r.train_seconds,
+                         "final_loss": statistics.fmean(tail), "train_seconds": r.train_seconds,
                          "total_seconds": r.total_seconds})
-    mean = {who: {m: _mean([s[who][m] for s in per_seed]) for m in METRICS}
+    mean = {who: {m: statistics.fmean([s[who][m] for s in per_seed]) for m in METRICS}
             for who in ("trained", "random_init", "pixels")}
     margin = mean["trained"]["knn_few"] - mean["random_init"]["knn_few"]
     return {"note": adapter.note, "lr": adapter.lr, "seeds": per_seed, "mean": mean,

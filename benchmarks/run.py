@@ -42,54 +42,61 @@ class Loss:
     kind: str = "pair"  # how inputs are built and passed: see make_inputs / build_*
     floor: str | None = "gram_exp"  # the unavoidable operations: see FLOORS
     ours_kwargs: dict = dataclasses.field(default_factory=dict)  # ours only (e.g. impl)
+    student_first: bool = False  # token kinds: (student, teacher) argument order, not reverse
 
 
 LOSSES = {
     "ntxent": Loss("ntxent_loss", "NTXentLoss", {"temperature": 0.5}),
     "dcl": Loss("dcl_loss", "DCLLoss", {"temperature": 0.1}),
     "dclw": Loss("dclw_loss", "DCLWLoss", {"temperature": 0.1, "sigma": 0.5}),
-    "barlow": Loss("barlow_twins_loss", "BarlowTwinsLoss", {"lambda_param": 5e-3}),
-    "vicreg": Loss("vicreg_loss", "VICRegLoss", {}),
-    "negcos": Loss("negative_cosine_similarity", "NegativeCosineSimilarity", {}),
-    "hypersphere": Loss("hypersphere_loss", "hypersphere_loss.HypersphereLoss", {}),
-    "ntxent_bank": Loss("ntxent_memory_bank_loss", "NTXentLoss", {"temperature": 0.5}),
-    "tico": Loss("tico_loss", "TiCoLoss", {"beta": 0.9, "rho": 8.0}, kind="tico"),
+    "barlow": Loss("barlow_twins_loss", "BarlowTwinsLoss", {"lambda_param": 5e-3},
+                   floor="gram"),
+    "vicreg": Loss("vicreg_loss", "VICRegLoss", {}, floor="gram"),
+    "negcos": Loss("negative_cosine_similarity", "NegativeCosineSimilarity", {}, floor=None),
+    "hypersphere": Loss("hypersphere_loss", "hypersphere_loss.HypersphereLoss", {},
+                        floor="gram_exp_views"),
+    "ntxent_bank": Loss("ntxent_memory_bank_loss", "NTXentLoss", {"temperature": 0.5},
+                        floor="bank_exp"),
+    "tico": Loss("tico_loss", "TiCoLoss", {"beta": 0.9, "rho": 8.0}, kind="tico",
+                 floor="tico"),
     "dino": Loss("dino_loss", "DINOLoss", {"teacher_temp": 0.04, "student_temp": 0.1,
-                                           "center_momentum": 0.9}, kind="dino"),
+                                           "center_momentum": 0.9}, kind="dino", floor="lse"),
     "swav": Loss("swav_loss", "SwaVLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
-                                           "sinkhorn_epsilon": 0.05}, kind="swav"),
+                                           "sinkhorn_epsilon": 0.05}, kind="swav", floor="lse"),
     "msn": Loss("msn_loss", "MSNLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
-                                        "regularization_weight": 1.0}, kind="msn"),
+                                        "regularization_weight": 1.0}, kind="msn",
+                floor="proj_lse"),
     "pmsn": Loss("pmsn_loss", "PMSNLoss", {"temperature": 0.1, "sinkhorn_iterations": 3,
-                                           "power_law_exponent": 0.25}, kind="msn"),
+                                           "power_law_exponent": 0.25}, kind="msn",
+                 floor="proj_lse"),
     "ntxent_dense": Loss("ntxent_loss", "NTXentLoss", {"temperature": 0.5},
                          ours_kwargs={"implementation": "dense"}),
     "directclr": Loss("directclr_loss", "DirectCLRLoss", {"loss_dim": 64, "temperature": 0.5}),
     "macl": Loss("macl_loss", "MACLLoss", {"temperature": 0.1, "alpha": 0.5, "A_0": 0.0}),
-    "koleo": Loss("koleo_loss", "KoLeoLoss", {}, kind="single"),
-    "frossl": Loss("frossl_loss", "FroSSLLoss", {}, kind="views"),
+    "koleo": Loss("koleo_loss", "KoLeoLoss", {}, kind="single", floor="gram"),
+    "frossl": Loss("frossl_loss", "FroSSLLoss", {}, kind="views", floor="cov"),
     "emp_ssl": Loss("emp_ssl_loss", "EMPSSLLoss", {"tcr_eps": 0.2, "inv_coef": 200.0},
-                    kind="views"),
+                    kind="views", floor="cov"),
     "mmcr": Loss("mmcr_loss", "MMCRLoss", {"lmda": 5e-3}, kind="mmcr", floor=None),
-    "wmse": Loss("wmse_loss", "WMSELoss", {}, kind="wmse"),
+    "wmse": Loss("wmse_loss", "WMSELoss", {}, kind="wmse", floor="cov"),
     "sigreg": Loss("sigreg", "lejepa_loss.SIGReg", {}, kind="proj", floor="slices"),
     "lejepa": Loss("lejepa_loss", "LeJEPALoss", {}, kind="jepa", floor="slices"),
     "visreg": Loss("visreg_loss", "VISRegLoss", {}, kind="jepa", floor="slices"),
     "paka": Loss("patch_kernel_alignment_loss", "PatchKernelAlignmentLoss", {}, kind="tokens",
-                 floor="kernel"),
+                 floor="kernel", student_first=True),
     "capi": Loss("capi_loss", "CAPILoss", {}, kind="tokens", floor="lse"),
     "ibotpp": Loss("ibot_plus_plus_patch_loss", "IBOTPlusPlusPatchLoss",
                    {"teacher_temp": 0.04, "student_temp": 0.1, "center_momentum": 0.9},
                    kind="ibotpp", floor="lse"),
     "detcon_s": Loss("detcon_s_loss", "DetConSLoss", {"temperature": 0.1}, kind="region"),
 }
-# Floors of the curated kinds that are not the default gram_exp.
-for _name, _floor in (("barlow", "gram"), ("vicreg", "gram"), ("negcos", None),
-                      ("hypersphere", "gram_exp_views"), ("ntxent_bank", "bank_exp"),
-                      ("tico", "tico"), ("dino", "lse"), ("swav", "lse"), ("msn", "proj_lse"),
-                      ("pmsn", "proj_lse"), ("koleo", "gram"), ("frossl", "cov"),
-                      ("emp_ssl", "cov"), ("wmse", "cov")):
-    LOSSES[_name] = dataclasses.replace(LOSSES[_name], floor=_floor)
+
+
+def shape_kwargs(row: Row) -> dict:
+    """Hyperparameters that follow the row's shape, the same on both sides."""
+    if LOSSES[row.loss].kind == "wmse":
+        return {"embedding_dim": row.dim, "w_size": min(256, row.batch)}
+    return {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,15 +306,13 @@ def ours_step(row: Row, arrays: dict):
     if spec.kind == "mmcr":
         return fn, (a["online"], a["momentum"]), (), False
     if spec.kind == "wmse":
-        loss = lambda x0, x1, state, key: fn([x0, x1], state, key, embedding_dim=row.dim,
-                                             w_size=min(256, row.batch))
+        loss = lambda x0, x1, state, key: fn([x0, x1], state, key, **shape_kwargs(row))
         return loss, (a["x0"], a["x1"]), (S.init_wmse_state(row.dim), key), True
     if spec.kind == "jepa":
         loss = lambda glob, local, key: fn(local, glob, key)
         return loss, (a["global"], a["local"]), (key,), False
-    if spec.kind == "tokens":  # PatchKernelAlignment is student first, CAPI teacher first
-        student_first = spec.ours == "patch_kernel_alignment_loss"
-        loss = (lambda st, te: fn(st, te)) if student_first else (lambda st, te: fn(te, st))
+    if spec.kind == "tokens":
+        loss = fn if spec.student_first else (lambda st, te: fn(te, st))
         return loss, (a["student"],), (a["teacher"],), False
     if spec.kind == "ibotpp":
         loss = lambda student, teacher, state: fn(teacher, student, state)
@@ -403,7 +408,6 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
              and x.ndim >= 2]
     flat = [x.reshape(-1, x.shape[-1]) for x in views]
-    lse_grad = jax.grad(lambda s: jax.nn.logsumexp(s, axis=-1).sum())
     if not row.registry and "loss_dim" in LOSSES[row.loss].kwargs:
         flat = [x[:, :LOSSES[row.loss].kwargs["loss_dim"]] for x in flat]
 
@@ -448,6 +452,7 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
                    and jnp.issubdtype(x.dtype, jnp.floating)]
         if not teacher and row.loss == "swav":  # the high-resolution crops' codes
             teacher = [student[: row.crops[0]]]
+        lse_grad = jax.grad(lambda s: jax.nn.logsumexp(s, axis=-1).sum())
         fn, args = (lambda s, *t: (lse_grad(s), [jnp.exp(x).sum() for x in t])), (student,
                                                                                     *teacher)
     elif kind == "proj_lse":
@@ -579,8 +584,7 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
         kwargs = {"output_dim": row.dim, "warmup_teacher_temp": kwargs["teacher_temp"], **kwargs}
     if spec.kind == "ibotpp":
         kwargs["output_dim"] = row.dim
-    if spec.kind == "wmse":
-        kwargs.update(embedding_dim=row.dim, w_size=min(256, row.batch))
+    kwargs.update(shape_kwargs(row))
     if spec.lightly.startswith("lejepa_loss."):
         import lightly.loss.lejepa_loss  # noqa: F401
     criterion = operator.attrgetter(spec.lightly)(lightly.loss)(**kwargs)
@@ -602,10 +606,9 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
     elif spec.kind == "jepa":
         leaves = [t["global"], t["local"]]
         call = lambda: criterion(local_proj=t["local"], global_proj=t["global"])
-    elif spec.kind in ("tokens", "ibotpp"):  # PatchKernelAlignment is student first
+    elif spec.kind in ("tokens", "ibotpp"):
         leaves = [t["student"]]
-        student_first = spec.lightly == "PatchKernelAlignmentLoss"
-        call = ((lambda: criterion(t["student"], t["teacher"])) if student_first
+        call = ((lambda: criterion(t["student"], t["teacher"])) if spec.student_first
                 else (lambda: criterion(t["teacher"], t["student"])))
     elif spec.kind == "region":
         leaves = [t["views"]]

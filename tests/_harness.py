@@ -4,9 +4,12 @@ equivalence check that every loss of every issue goes through."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import pathlib
+import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +24,21 @@ from jax.sharding import PartitionSpec as P
 from sslloss_jax._registry import LOSSES, QUEUE_VARIANTS, TILED_VARIANTS, LossSpec
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 AUTO = jax.sharding.AxisType.Auto
+
+
+
+def load_script(relative_path: str, name: str) -> types.ModuleType:
+    """The repository script at ``relative_path`` (not a package module) imported as
+    ``name``; registered in ``sys.modules``, which its dataclasses need."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
+    assert spec is not None and spec.loader is not None, relative_path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # ----------------------------------------------------------------------------- the matrix
 ALL_SPECS: tuple[LossSpec, ...] = (*LOSSES, *QUEUE_VARIANTS, *TILED_VARIANTS)

@@ -4,26 +4,17 @@ and a quick run of two rows produces every column. Timings themselves are never 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from sslloss_jax import _registry
-
-RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+from tests._harness import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_run"]
+    return load_script("benchmarks/run.py", "bench_run")
 
 
 def test_every_registry_loss_has_a_row(bench):

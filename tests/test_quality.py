@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import pytest
@@ -15,14 +13,11 @@ pytest.importorskip("tqdm")
 pytest.importorskip("optax")
 pytest.importorskip("flax")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from tests._harness import load_script
 
 
 def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/quality.py", "quality")
 
 
 def test_quality_quick_and_merge(tmp_path, capsys):

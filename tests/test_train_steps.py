@@ -6,22 +6,15 @@ to one device."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sslloss_jax as S
-from tests._harness import assert_tree_close, make_mesh
+from tests._harness import assert_tree_close, load_script, make_mesh
 
-_path = pathlib.Path(__file__).parents[1] / "examples" / "train_steps.py"
-_spec = importlib.util.spec_from_file_location("train_steps", _path)
-assert _spec is not None and _spec.loader is not None
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
+T = load_script("examples/train_steps.py", "train_steps")
 
 
 @pytest.fixture(autouse=True)
