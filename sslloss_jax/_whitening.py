@@ -88,10 +88,15 @@ def _whiten_centered(xc: jax.Array, cov: jax.Array, eps: jax.Array) -> jax.Array
     d = cov.shape[-1]
     if cov.ndim == 2 and xc.ndim > 2:  # one factor for every block: solve them at once
         return _whiten_centered(xc.reshape(-1, d), cov, eps).reshape(xc.shape)
-    eye = jnp.eye(d, dtype=cov.dtype).reshape((1,) * (cov.ndim - 2) + (d, d))
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=cov.dtype), cov.shape)
     chol = jnp.linalg.cholesky((1 - eps) * cov + eps * eye)
-    # z = xc W^T with W = L^{-1} (lightly's inv_sqrt): solve L z^T = xc^T.
-    return jnp.swapaxes(solve_triangular(chol, jnp.swapaxes(xc, -1, -2), lower=True), -1, -2)
+    # z = xc Wᵀ with W = L⁻¹ (lightly's inv_sqrt), W from one triangular solve against I.
+    # Not a solve against xcᵀ: its backward has two independent triangular solves, and
+    # jaxlib 0.10's CPU runtime can deadlock running LAPACK trsm calls concurrently (a
+    # W-MSE train step hung after ~100 calls; jax 0.12 does not). Here every trsm of the
+    # forward and backward pass depends on the previous one.
+    w = solve_triangular(chol, eye, lower=True)
+    return jnp.einsum("...nd,...ed->...ne", xc, w, precision=_HIGHEST)
 
 
 def _ema(state: WMSEState, means: jax.Array, covs: jax.Array, momentum: jax.Array):

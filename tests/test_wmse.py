@@ -12,6 +12,9 @@ never imports torch.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -509,3 +512,29 @@ out["S5"] = m(torch.tensor(r(30, (16, 4)).astype(np.float32))).item()
 for k, v in out.items():
     print(k, "=", repr(v))
 '''
+
+
+_REPEATED_STEP = """
+import jax, jax.numpy as jnp, numpy as np
+from sslloss_jax import init_wmse_state, wmse_loss
+rng = np.random.default_rng(0)
+x0 = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+x1 = x0 + 0.5 * jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+step = jax.jit(jax.value_and_grad(
+    lambda a, b, s, k: wmse_loss([a, b], s, k, embedding_dim=128, w_size=256),
+    argnums=(0, 1), has_aux=True))
+state, key = init_wmse_state(128), jax.random.key(0)
+for _ in range(400):
+    jax.block_until_ready(step(x0, x1, state, key))
+print("done")
+"""
+
+
+def test_repeated_train_steps_do_not_hang():
+    """Regression: with the whitening solved against xcᵀ, the step's backward ran two
+    independent LAPACK trsm calls, and jaxlib 0.10's CPU runtime deadlocked within ~100
+    calls (every time on a 2-core machine). The whitening's triangular solves now form one
+    chain. Run in a subprocess so a hang is a timeout, not a stuck suite."""
+    out = subprocess.run([sys.executable, "-c", _REPEATED_STEP], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
