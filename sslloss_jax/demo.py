@@ -107,10 +107,33 @@ def augment(key: jax.Array, images: jax.Array, *, local: bool = False) -> jax.Ar
 
 # ----------------------------------------------------------------------------- model
 def make_model(arch: str, out_dim: int, predictor: bool, hidden: int = 256,
-               rep_dim: int = 128) -> Any:
+               rep_dim: int = 128, head_norm: str = "layer", cosine_head: int = 0) -> Any:
     """A Linen encoder: ``apply(params, x [B, 8, 8]) -> {"h": representation, "z":
-    projection, "p": prediction (if ``predictor``)}``."""
+    projection, "p": prediction (if ``predictor``)}``.
+
+    The projector and predictor are ``Dense -> norm -> relu -> Dense`` with ``head_norm``
+    ``"layer"`` (LayerNorm) or ``"batch"``: batch normalization with the statistics of the
+    batch being applied (every view of the step together) and no running averages, as the
+    heads are used in training only (the probes read ``h``). The BYOL/SimSiam family, Barlow
+    Twins and VICReg are published with batch-normalized heads. ``cosine_head=K`` appends
+    DINO's last layer: ``z`` becomes the K cosines between the L2-normalized projection and
+    K learned, L2-normalized prototypes (a weight-normalized linear layer with unit norm).
+    """
     import flax.linen as nn
+
+    if head_norm not in ("layer", "batch"):
+        raise ValueError(f"head_norm must be 'layer' or 'batch', got {head_norm!r}")
+
+    class BatchNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+            mean = jnp.mean(x, axis=0, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=0, keepdims=True)
+            return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale[None] + bias[None]
+
+    norm = nn.LayerNorm if head_norm == "layer" else BatchNorm
 
     class Encoder(nn.Module):
         @nn.compact
@@ -123,10 +146,14 @@ def make_model(arch: str, out_dim: int, predictor: bool, hidden: int = 256,
             else:
                 h = nn.relu(nn.Dense(hidden)(x.reshape(x.shape[0], -1)))
                 h = nn.Dense(rep_dim)(h)
-            z = nn.Dense(out_dim)(nn.relu(nn.LayerNorm()(nn.Dense(hidden)(h))))
+            z = nn.Dense(out_dim)(nn.relu(norm()(nn.Dense(hidden)(h))))
+            if cosine_head:
+                w = self.param("prototypes", nn.initializers.normal(1.0),
+                               (cosine_head, out_dim))
+                z = _n(z) @ _n(w).T
             out = {"h": h, "z": z}
             if predictor:
-                out["p"] = nn.Dense(out_dim)(nn.relu(nn.LayerNorm()(nn.Dense(hidden)(z))))
+                out["p"] = nn.Dense(out_dim)(nn.relu(norm()(nn.Dense(hidden)(z))))
             return out
 
     return Encoder()
@@ -171,6 +198,8 @@ class Adapter:
     prototypes: int = 0
     init_state: Callable[[jax.Array, int, int], Any] | None = None  # (key, batch, out_dim)
     lr: float = 2e-3
+    head_norm: str = "layer"  # "batch": batch-normalized projector/predictor (make_model)
+    cosine_head: int = 0  # K: DINO's normalized prototype layer on top of z (make_model)
 
 
 def _n(x: jax.Array) -> jax.Array:
@@ -215,7 +244,8 @@ def _co2_bank(c: Ctx) -> LossOut:
     assert c.t is not None
     moco, _ = ssl.ntxent_memory_bank_loss(c.z[0], c.t[1], c.state, temperature=0.2,
                                           update=False)
-    co2, bank = ssl.co2_memory_bank_regularizer(c.z[0], c.t[1], c.state)
+    co2, bank = ssl.co2_memory_bank_regularizer(c.z[0], c.t[1], c.state,
+                                                t_consistency=0.2)
     return moco + co2, bank
 
 
@@ -322,34 +352,38 @@ ADAPTERS: dict[str, Adapter] = {
     "clip_loss": Adapter(_two(ssl.clip_loss, temperature=0.1), "the two views as towers"),
     "siglip_loss": Adapter(_two(ssl.siglip_loss), "the two views as towers"),
     "co2_regularizer": Adapter(
-        lambda c: (_ntx(c.z[0], c.z[1]) + ssl.co2_regularizer(c.z[0], c.z[1]), c.state),
-        "added to NT-Xent"),
+        lambda c: (_ntx(c.z[0], c.z[1])
+                   + ssl.co2_regularizer(c.z[0], c.z[1], t_consistency=0.2), c.state),
+        "added to NT-Xent; t_consistency=0.2 (the default 0.05 does not learn here)"),
     "ntxent_memory_bank_loss": Adapter(_moco, "MoCo: EMA keys, memory bank of 1024",
                                        teacher=True, init_state=_bank()),
-    "co2_memory_bank_regularizer": Adapter(_co2_bank, "added to MoCo (shared bank)",
+    "co2_memory_bank_regularizer": Adapter(_co2_bank,
+                                           "added to MoCo (shared bank); t_consistency=0.2",
                                            teacher=True, init_state=_bank()),
     "directclr_memory_bank_loss": Adapter(
         lambda c: ssl.directclr_memory_bank_loss(c.z[0], c.t[1], c.state,  # type: ignore[index]
                                                  loss_dim=32, temperature=0.2),
         "DirectCLR on the first 32 dims, MoCo-style: EMA keys, bank of 1024, tau=0.2",
         teacher=True, init_state=lambda key, batch, dim: ssl.init_memory_bank(key, 1024, 32)),
-    "nnclr_loss": Adapter(_nnclr, "NNCLR: nearest neighbours from a queue of 1024",
-                          predictor=True, init_state=_bank()),
-    "ressl_loss": Adapter(_ressl, "ReSSL: EMA keys, queue of 1024", predictor=True,
-                          teacher=True, init_state=_bank()),
+    "nnclr_loss": Adapter(_nnclr, "NNCLR: nearest neighbours from a queue of 1024, BN heads",
+                          predictor=True, init_state=_bank(), head_norm="batch"),
+    "ressl_loss": Adapter(_ressl, "ReSSL: EMA keys, queue of 1024, BN heads", predictor=True,
+                          teacher=True, init_state=_bank(), head_norm="batch"),
     "negative_cosine_similarity": Adapter(
         _sym_teacher(lambda p, t: ssl.negative_cosine_similarity(p, t)),
-        "BYOL: predictor vs EMA teacher", predictor=True, teacher=True),
+        "BYOL: predictor vs EMA teacher, BN heads", predictor=True, teacher=True,
+        head_norm="batch"),
     "byol_regression_loss": Adapter(_sym_teacher(ssl.byol_regression_loss),
-                                    "BYOL: predictor vs EMA teacher", predictor=True,
-                                    teacher=True),
+                                    "BYOL: predictor vs EMA teacher, BN heads",
+                                    predictor=True, teacher=True, head_norm="batch"),
     "sym_negative_cosine_similarity_loss": Adapter(
         lambda c: (ssl.sym_negative_cosine_similarity_loss(
             (c.z[0], c.p[0]), (c.z[1], c.p[1])), c.state),  # type: ignore[index]
-        "SimSiam (stop-gradient, no teacher)", predictor=True),
+        "SimSiam (stop-gradient, no teacher), BN heads", predictor=True, head_norm="batch"),
     "simsiam_loss": Adapter(
         lambda c: (ssl.simsiam_loss(c.p[0], c.p[1], c.z[0], c.z[1]),  # type: ignore[index]
-                   c.state), "SimSiam (stop-gradient, no teacher)", predictor=True),
+                   c.state), "SimSiam (stop-gradient, no teacher), BN heads",
+        predictor=True, head_norm="batch"),
     "hypersphere_loss": Adapter(_two(ssl.hypersphere_loss), "alignment + uniformity"),
     "alignment_loss": Adapter(_align_uniform(ssl.uniformity_loss),
                               "alignment_loss + uniformity_loss of both views"),
@@ -357,34 +391,44 @@ ADAPTERS: dict[str, Adapter] = {
                                "alignment_loss + uniformity_loss of both views"),
     "koleo_loss": Adapter(_align_uniform(lambda x: 0.1 * ssl.koleo_loss(x)),
                           "alignment_loss + 0.1 koleo_loss of both views"),
-    "barlow_twins_loss": Adapter(_two(ssl.barlow_twins_loss), "Barlow Twins"),
-    "vicreg_loss": Adapter(_two(ssl.vicreg_loss), "VICReg"),
+    "barlow_twins_loss": Adapter(_two(ssl.barlow_twins_loss),
+                                 "Barlow Twins: BN heads, 512-d projection", out_dim=512,
+                                 head_norm="batch"),
+    "vicreg_loss": Adapter(_two(ssl.vicreg_loss), "VICReg: BN heads, 1024-d projection",
+                           out_dim=1024, head_norm="batch"),
     "vibcreg_loss": Adapter(_two(ssl.vibcreg_loss), "VIbCReg"),
-    "tico_loss": Adapter(_tico, "TiCo: running covariance state",
-                         init_state=lambda key, batch, dim: ssl.init_tico_state(dim)),
+    "tico_loss": Adapter(_tico, "TiCo: running covariance state, BN heads",
+                         init_state=lambda key, batch, dim: ssl.init_tico_state(dim),
+                         head_norm="batch"),
     "wmse_loss": Adapter(_wmse, "W-MSE: whitened sub-batches, running statistics",
                          out_dim=16,
                          init_state=lambda key, batch, dim: ssl.init_wmse_state(dim)),
-    "frossl_loss": Adapter(lambda c: (ssl.frossl_loss(c.z), c.state), "FroSSL, 2 views"),
+    "frossl_loss": Adapter(lambda c: (ssl.frossl_loss(c.z), c.state),
+                           "FroSSL, 2 views, BN heads, 1024-d projection", out_dim=1024,
+                           head_norm="batch"),
     "emp_ssl_loss": Adapter(lambda c: (ssl.emp_ssl_loss([_n(z) for z in c.z]), c.state),
                             "EMP-SSL, 4 L2-normalized views (as the official projector)",
                             views=4),
     "mmcr_loss": Adapter(_mmcr, "MMCR: online and EMA views", teacher=True),
     "dino_loss": Adapter(_dino, "DINO: EMA teacher, center, traced temperature schedule, "
-                         "2 global + 2 local crops", local_views=2, out_dim=256,
-                         teacher=True,
+                         "2 global + 2 local crops; DINO head (64-d bottleneck, 256 "
+                         "normalized prototypes), BN heads", local_views=2, out_dim=64,
+                         cosine_head=256, head_norm="batch", teacher=True,
                          init_state=lambda key, batch, dim: ssl.init_dino_state(dim)),
     "swav_loss": Adapter(_swav, "SwaV: 30 prototypes, 2 + 2 crops, queue switched on "
                          "after a third of the run", local_views=2, prototypes=30,
                          init_state=lambda key, batch, dim: ssl.init_swav_queue(
                              2, 2 * batch, dim)),
-    "msn_loss": Adapter(_msn(ssl.msn_loss), "MSN: EMA targets, 30 prototypes, 1 + 2 anchors",
-                        local_views=2, teacher=True, prototypes=30),
+    "msn_loss": Adapter(_msn(ssl.msn_loss), "MSN: EMA targets, 30 prototypes, 1 + 2 anchors, "
+                        "BN heads", local_views=2, teacher=True, prototypes=30,
+                        head_norm="batch"),
     "pmsn_loss": Adapter(_msn(ssl.pmsn_loss), "PMSN: as MSN, power-law prior",
-                         local_views=2, teacher=True, prototypes=30),
+                         local_views=2, teacher=True, prototypes=30, head_norm="batch"),
     "sigreg": Adapter(_sigreg, "invariance + SIGReg (the LeJEPA recipe)"),
-    "lejepa_loss": Adapter(_lejepa, "LeJEPA: 2 global + 2 local views", local_views=2),
-    "visreg_loss": Adapter(_visreg, "VISReg: 2 global + 2 local views", local_views=2),
+    "lejepa_loss": Adapter(_lejepa, "LeJEPA: 2 global + 2 local views, BN heads",
+                           local_views=2, head_norm="batch"),
+    "visreg_loss": Adapter(_visreg, "VISReg: 2 global + 2 local views, BN heads",
+                           local_views=2, head_norm="batch"),
     "lewm_loss": Adapter(_lewm, "LeWM: the two views as two frames, predictor",
                          predictor=True),
     "idmm_loss": Adapter(_idmm, "instance discrimination: one logit per training image",
@@ -477,7 +521,8 @@ def _build(adapter: Adapter, arch: str, n_train: int, batch: int, steps: int, se
     import optax
 
     out_dim = n_train if adapter.out_dim == "instances" else int(adapter.out_dim)
-    model = make_model(arch, out_dim, adapter.predictor)
+    model = make_model(arch, out_dim, adapter.predictor, head_norm=adapter.head_norm,
+                       cosine_head=adapter.cosine_head)
     k_init, k_proto, k_state = jax.random.split(jax.random.key(seed), 3)
     params: dict[str, Any] = {"model": jax.jit(model.init)(k_init,
                                                            jnp.zeros((1, IMAGE, IMAGE)))}
@@ -488,7 +533,8 @@ def _build(adapter: Adapter, arch: str, n_train: int, batch: int, steps: int, se
     optimizer = optax.adamw(schedule, weight_decay=1e-4)
     state = TrainState(
         params, jax.jit(optimizer.init)(params),
-        adapter.init_state(k_state, batch, out_dim) if adapter.init_state else None,
+        adapter.init_state(k_state, batch, adapter.cosine_head or out_dim)
+        if adapter.init_state else None,
         jax.tree.map(jnp.copy, params) if adapter.teacher else None,
         jnp.zeros((), jnp.int32))
     n_views = adapter.views + adapter.local_views

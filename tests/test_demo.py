@@ -87,3 +87,25 @@ def test_import_sslloss_jax_stays_light():
             "assert not bad, bad")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_model_head_options():
+    """head_norm="batch" normalizes the head's hidden layer with the applied batch's
+    statistics; cosine_head=K gives K cosines (DINO's normalized prototype layer)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 8, 8)), jnp.float32)
+    with jax.numpy_dtype_promotion("standard"):
+        model = demo.make_model("mlp", 12, True, head_norm="batch", cosine_head=20)
+        params = model.init(jax.random.key(0), x)
+        out, inter = model.apply(params, x, capture_intermediates=True)
+        assert out["z"].shape == (16, 20) and out["p"].shape == (16, 12)
+        assert float(jnp.max(jnp.abs(out["z"]))) <= 1.0 + 1e-6
+        normed = inter["intermediates"]["BatchNorm_0"]["__call__"][0]  # scale 1, bias 0
+        np.testing.assert_allclose(jnp.mean(normed, 0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(jnp.std(normed, 0), 1.0, rtol=1e-3)
+        # the probes read h, which the batch statistics of the heads never reach
+        np.testing.assert_allclose(model.apply(params, x[:4])["h"], out["h"][:4], rtol=1e-6)
+    with pytest.raises(ValueError, match="head_norm"):
+        demo.make_model("mlp", 12, False, head_norm="group")
