@@ -124,14 +124,13 @@ def make_model(arch: str, out_dim: int, predictor: bool, hidden: int = 256,
     if head_norm not in ("layer", "batch"):
         raise ValueError(f"head_norm must be 'layer' or 'batch', got {head_norm!r}")
 
-    class BatchNorm(nn.Module):
-        @nn.compact
-        def __call__(self, x: jax.Array) -> jax.Array:
-            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-            bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-            mean = jnp.mean(x, axis=0, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), axis=0, keepdims=True)
-            return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale[None] + bias[None]
+    class BatchNorm(nn.LayerNorm):
+        """Flax's normalization over the batch axis (per feature, two-pass variance): batch
+        normalization with the applied batch's statistics, no running-average state."""
+
+        reduction_axes: int = 0
+        epsilon: float = 1e-5
+        use_fast_variance: bool = False
 
     norm = nn.LayerNorm if head_norm == "layer" else BatchNorm
 

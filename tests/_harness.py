@@ -28,7 +28,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 AUTO = jax.sharding.AxisType.Auto
 
 
-
 def load_script(relative_path: str, name: str) -> types.ModuleType:
     """The repository script at ``relative_path`` (not a package module) imported as
     ``name``; registered in ``sys.modules``, which its dataclasses need."""
