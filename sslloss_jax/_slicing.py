@@ -21,7 +21,7 @@ from jax.scipy.special import ndtri
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import compute_dtype, l2_normalize, safe_sqrt, upcast
+from sslloss_jax._numerics import argsort_stable, compute_dtype, l2_normalize, safe_sqrt, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["sigreg", "lejepa_loss", "lewm_loss", "VISRegTerms", "visreg_terms", "visreg_loss"]
@@ -479,9 +479,13 @@ def visreg_terms(
     e = jnp.asarray(eps).astype(dtype)
     z_norm = (z - mean) / (lax.stop_gradient(std) + e)
     a = unit_slices(key, slices, z.shape[-1], num_slices, dtype, num_name="num_slices")
-    projections = jnp.sort(jnp.matmul(z_norm, a, precision=_HIGHEST), axis=-2)
+    # [V, S, N]: each slice's projections contiguous along the batch, sorted there (the
+    # permutation from integer-key sorts, the values gathered: the gradient of the sort).
+    projections = jnp.einsum("vnd,ds->vsn", z_norm, a, precision=_HIGHEST)
+    order = argsort_stable(lax.stop_gradient(projections))
+    projections = jnp.take_along_axis(projections, order, axis=-1)
     positions = np.arange(1, n_global + 1, dtype=np.float64) / (n_global + 1)
-    quantiles = ndtri(jnp.asarray(positions, dtype)).reshape(1, n_global, 1)
+    quantiles = ndtri(jnp.asarray(positions, dtype)).reshape(1, 1, n_global)
     shape = jnp.mean(jnp.square(projections - quantiles))
 
     cast = lambda v: jnp.asarray(v).astype(dtype)  # noqa: E731
