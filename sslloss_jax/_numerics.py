@@ -232,11 +232,10 @@ def argsort_stable(x: jax.Array) -> jax.Array:
     itype = jnp.int32 if width == 32 else jnp.int64
     keys, pos = _order_keys(x), lax.broadcasted_iota(itype, x.shape, x.ndim - 1)
     mask = jnp.asarray((1 << bits) - 1, itype)
-    perm = None
+    perm = pos  # the order after the passes so far: least significant digit first
     for shift in range(0, width, digit):
         d = ((keys >> shift) & jnp.asarray((1 << digit) - 1, keys.dtype)).astype(itype)
-        if perm is not None:
-            d = jnp.take_along_axis(d, perm, axis=-1)
+        d = d if shift == 0 else jnp.take_along_axis(d, perm, axis=-1)
         order = lax.sort((d << bits) | pos, dimension=x.ndim - 1, is_stable=False) & mask
-        perm = order if perm is None else jnp.take_along_axis(perm, order, axis=-1)
+        perm = order if shift == 0 else jnp.take_along_axis(perm, order, axis=-1)
     return perm
