@@ -236,6 +236,6 @@ def argsort_stable(x: jax.Array) -> jax.Array:
     for shift in range(0, width, digit):
         d = ((keys >> shift) & jnp.asarray((1 << digit) - 1, keys.dtype)).astype(itype)
         d = d if shift == 0 else jnp.take_along_axis(d, perm, axis=-1)
-        order = lax.sort((d << bits) | pos, dimension=x.ndim - 1, is_stable=False) & mask
+        order = lax.sort((d << bits) | pos, dimension=x.ndim - 1) & mask
         perm = order if shift == 0 else jnp.take_along_axis(perm, order, axis=-1)
     return perm
