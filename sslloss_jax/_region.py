@@ -35,27 +35,28 @@ def _check_views(arrays: dict[str, ArrayLike]) -> list[jax.Array]:
     return out
 
 
-def _direction(p_x, t_y_all, t_x_all, mask_x, mask_y, temperature, axis_name):
+def _direction(p_x, t_y, t_y_all, t_x_all, mask_x, mask_y, temperature, axis_name):
     """Σ over the local (b, i) of lightly's weighted cross-entropy for view x → y.
 
     Candidates of row (b, i): every region of every image of view y (the positives among
-    them: same image, same id) and of view x except the same-id regions of image b.
+    them: same image, same id) and of view x except the same-id regions of image b. Both
+    views' candidates are scored in one product and one masked logsumexp; the positives
+    lie in image b's own block, scored against the local ``t_y``.
     """
-    b = p_x.shape[0]
+    b, m = p_x.shape[:2]
     n = t_y_all.shape[0]
     own = (coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32))[:, None] == \
         jnp.arange(n, dtype=jnp.int32)[None, :]  # (B, N): the image itself
     same_xy = mask_x[:, :, None] == mask_y[:, None, :]  # (B, M, M)
     same_xx = mask_x[:, :, None] == mask_x[:, None, :]
-    positives = own[:, None, :, None] & same_xy[:, :, None, :]  # (B, M, N, M)
-    excluded = own[:, None, :, None] & same_xx[:, :, None, :]
-
-    logits_xy = jnp.einsum("bid,cjd->bicj", p_x, t_y_all) / temperature
-    logits_xx = jnp.einsum("bid,cjd->bicj", p_x, t_x_all) / temperature
-    lse = jnp.logaddexp(masked_logsumexp(logits_xy, None, axis=(2, 3)),
-                        masked_logsumexp(logits_xx, ~excluded, axis=(2, 3)))  # (B, M)
-    n_pos = jnp.sum(positives, axis=(2, 3)).astype(lse.dtype)
-    pos_sum = jnp.sum(jnp.where(positives, logits_xy, 0.0), axis=(2, 3))
+    excluded = own[:, None, :, None] & same_xx[:, :, None, :]  # (B, M, N, M)
+    valid = jnp.concatenate([jnp.ones_like(excluded), ~excluded], axis=2)  # (B, M, 2N, M)
+    candidates = jnp.concatenate([t_y_all, t_x_all]).reshape(-1, p_x.shape[-1])
+    logits = p_x.reshape(b * m, -1) @ candidates.T / temperature  # (B·M, 2N·M)
+    lse = masked_logsumexp(logits, valid.reshape(b * m, -1), axis=-1).reshape(b, m)
+    own_xy = jnp.einsum("bid,bjd->bij", p_x, t_y) / temperature  # (B, M, M)
+    n_pos = jnp.sum(same_xy, axis=2).astype(lse.dtype)
+    pos_sum = jnp.sum(jnp.where(same_xy, own_xy, 0.0), axis=2)
     # Σ_j labels_j log_softmax_j with labels = positives / max(#pos, 1)
     log_lik = (pos_sum - n_pos * lse) / jnp.maximum(n_pos, 1.0)
     obj_area = jnp.sum(same_xx, axis=2).astype(lse.dtype)  # >= 1 (the region itself)
@@ -68,8 +69,8 @@ def _detcon(p0, p1, t0, t1, m0, m1, temperature, axis_name) -> jax.Array:
     p0, p1, t0, t1 = (l2_normalize(x) for x in (p0, p1, t0, t1))
     t0_all, t1_all = coll.all_gather(t0, axis_name), coll.all_gather(t1, axis_name)
     t = jnp.asarray(temperature, p0.dtype)
-    total = (_direction(p0, t1_all, t0_all, m0, m1, t, axis_name)
-             + _direction(p1, t0_all, t1_all, m1, m0, t, axis_name))
+    total = (_direction(p0, t1, t1_all, t0_all, m0, m1, t, axis_name)
+             + _direction(p1, t0, t0_all, t1_all, m1, m0, t, axis_name))
     return coll.global_mean(total, p0.shape[0] * p0.shape[1], axis_name)
 
 
