@@ -37,14 +37,19 @@ def _int_array(x: ArrayLike, name: str, shape: tuple[int, ...]) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- PaKa
-def _double_center(k: jax.Array, w: jax.Array) -> jax.Array:
-    """Mask-aware ``H K H`` (lightly's ``_double_center``): ``k [B, M, M]``, ``w [B, M]``."""
+def _centered_kernel(z: jax.Array, w: jax.Array) -> jax.Array:
+    """Mask-aware ``H (Z Zᵀ) H`` (lightly's ``_double_center`` of the linear kernel):
+    ``z [B, M, D]``, ``w [B, M]`` in {0, 1}.
+
+    Double-centering a linear kernel is the kernel of the centered tokens,
+    ``(z_i − μ)·(z_j − μ)`` with ``μ`` the mean of the valid tokens, masked by
+    ``w_i w_j``: the tokens are centered (``B·M·D``) instead of the kernel's rows,
+    columns and total being subtracted (four passes over ``B·M²`` and their backward).
+    """
     n = jnp.maximum(jnp.sum(w, axis=-1), 1.0)  # [B]
-    row = jnp.sum(k * w[:, None, :], axis=-1) / n[:, None]
-    col = jnp.sum(k * w[:, :, None], axis=1) / n[:, None]
-    total = jnp.sum(k * w[:, None, :] * w[:, :, None], axis=(1, 2)) / (n * n)
-    centered = k - row[:, :, None] - col[:, None, :] + total[:, None, None]
-    return centered * w[:, :, None] * w[:, None, :]
+    mean = jnp.einsum("bm,bmd->bd", w, z, precision=_HIGHEST) / n[:, None]
+    zc = (z - mean[:, None, :]) * w[:, :, None]
+    return jnp.einsum("bnd,bmd->bnm", zc, zc, precision=_HIGHEST)
 
 
 def patch_kernel_alignment_loss(
@@ -150,8 +155,7 @@ def patch_kernel_alignment_loss(
         valid = jnp.take_along_axis(valid, idx, axis=1)
 
     w = valid.astype(dtype)
-    kern = lambda z: jnp.einsum("bnd,bmd->bnm", z, z, precision=_HIGHEST)  # noqa: E731
-    k_s, k_t = _double_center(kern(student), w), _double_center(kern(teacher), w)
+    k_s, k_t = _centered_kernel(student, w), _centered_kernel(teacher, w)
     hsic_st = jnp.sum(k_s * k_t, axis=(1, 2))
     hsic_ss = jnp.sum(k_s * k_s, axis=(1, 2))
     hsic_tt = jnp.sum(k_t * k_t, axis=(1, 2))
