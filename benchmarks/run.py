@@ -400,6 +400,7 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
     """The jitted floor program of the row (see FLOOR_NOTES), or None."""
     import jax
     import jax.numpy as jnp
+    from jax import lax
 
     kind = floor_kind(row)
     if kind is None:
@@ -469,8 +470,6 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
         a = jax.random.normal(jax.random.key(1), (x.shape[-1], s), x.dtype)
         knots = jnp.linspace(0.0, 3.0, 17, dtype=x.dtype)
         if visreg:  # the shape term sorts every slice's projections along its view's batch
-            from jax import lax
-
             def g(x, a):  # one plain integer sort (XLA:CPU's fastest) feeding the backward
                 p, vjp = jax.vjp(lambda x: jnp.einsum("vnd,ds->vsn", x, a),
                                  x.reshape(-1, row.batch, x.shape[-1]))
