@@ -14,10 +14,10 @@ from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, init_memory_bank, memory_bank_enqueue
 from sslloss_jax._numerics import (
+    cross_view_entropy,
     l2_normalize,
     masked_logsumexp,
     max_leading,
-    other_views_sum,
     soft_cross_entropy,
     sum_leading,
     upcast,
@@ -331,7 +331,7 @@ def swav_loss(
     codes = _sinkhorn(codes_in / sinkhorn_epsilon, jnp.zeros((k,), codes_in.dtype),
                       None if valid is None else jnp.broadcast_to(valid, codes_in.shape[:2]),
                       sinkhorn_iterations, stable_sinkhorn, axis_name, rows=b)  # (V_h, B, K)
-    cross = soft_cross_entropy(crops32 / temperature, other_views_sum(codes, n_crops))  # (V, B)
+    cross = cross_view_entropy(crops32 / temperature, codes)  # (V, B)
     return coll.global_mean(jnp.sum(cross), b * (n_crops - 1) * vh, axis_name)
 
 

@@ -13,7 +13,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import other_views_sum, soft_cross_entropy, sum_leading, upcast
+from sslloss_jax._numerics import cross_view_entropy, soft_cross_entropy, sum_leading, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -184,7 +184,7 @@ def dino_loss(
         )
     t32, s32, center = upcast(t, s, jnp.asarray(state.center))
     t_probs = jax.nn.softmax(lax.stop_gradient(t32 - center[None, None]) / teacher_temp, axis=-1)
-    cross = soft_cross_entropy(s32 / student_temp, other_views_sum(t_probs, vs))  # (Vs, B)
+    cross = cross_view_entropy(s32 / student_temp, t_probs)  # (Vs, B)
     loss = coll.global_mean(jnp.sum(cross), n_terms * t.shape[1], axis_name)
     new_center = update_center(jnp.asarray(state.center), t, center_momentum, axis_name)
     return loss, DINOState(new_center)

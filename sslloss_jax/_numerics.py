@@ -24,13 +24,14 @@ __all__ = [
     "cosine_similarity",
     "masked_logsumexp",
     "soft_cross_entropy",
-    "other_views_sum",
+    "cross_view_entropy",
     "sum_leading",
     "max_leading",
     "offdiag_sq_sum",
     "cross_diag",
     "nuclear_norm",
     "argsort_stable",
+    "sym_gram",
 ]
 
 
@@ -109,6 +110,77 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
             - jnp.sum(targets * logits, axis=-1))
 
 
+#: Largest ``logits`` (bytes) for which :func:`cross_view_entropy` recomputes the softmax
+#: in its backward pass rather than storing it (see there).
+_RECOMPUTE_BYTES = 32 * 2**20
+
+
+def cross_view_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """The multi-crop pairing of DINO and SwaV: ``[V, ...]`` rows
+    ``soft_cross_entropy(logits[v], Σ_{t ≠ v} targets[t])`` for ``logits [V, ..., K]`` and
+    ``targets [T, ..., K]`` (every view predicts every target view but its own; views
+    ``v >= T`` predict all of them), so their sum is the sum of the cross entropies over
+    all pairs with different indices, without a ``[T, V]`` table of pairwise terms.
+
+    With ``tot = Σ_t targets[t]`` and the target masses ``m_t = Σ_k targets[t]_k``:
+    ``row_v = (Σ_t m_t − m_v)·lse(logits[v]) − ⟨tot, logits[v]⟩ + ⟨targets[v], logits[v]⟩``
+    (the last two terms only for ``v < T``). The per-view targets ``[V, ..., K]`` are
+    never built, and the inner products are elementwise products and row sums, which
+    fuse with the reads of ``logits`` (a ``dot`` would need the scaled logits written
+    out first).
+
+    Up to :data:`_RECOMPUTE_BYTES` of ``logits``, a custom VJP keeps only the inputs and
+    ``[V, ...]`` row statistics and its backward writes ``g·(mass·softmax − tot +
+    targets[v])`` in one pass, recomputing the softmax: autodiff stores the softmax and a
+    zero-padded copy of the own-view gradient, and XLA:CPU maps such temporaries afresh
+    on every call once they pass glibc's 32 MiB ``mmap`` threshold (SwaV, 2+6 crops,
+    K = 3000: 76 MiB of temporaries with the per-view targets built, 56 with autodiff,
+    24 with the custom VJP; 33 → 17 ms). Past it (DINO's K = 65536: 134 MiB per array)
+    the pages are mapped on every call anyway and the stored softmax saves an ``exp``
+    pass (250 ms against 300 ms recomputing).
+    """
+    logits, targets = upcast(logits, targets)
+    if logits.size * logits.dtype.itemsize <= _RECOMPUTE_BYTES:
+        return _cross_view(logits, targets)
+    return _cross_view_parts(logits, targets)[0]
+
+
+def _pad_views(x: jax.Array, n: int) -> jax.Array:
+    """``x[:n]`` zero-padded along axis 0 to ``n`` rows."""
+    x = x[:n]
+    return jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _cross_view_parts(logits, targets):
+    v, m = logits.shape[0], min(logits.shape[0], targets.shape[0])
+    tot = sum_leading(targets)
+    own_mass = jnp.sum(targets, axis=-1)
+    mass = sum_leading(own_mass)[None] - _pad_views(own_mass, v)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    cross = (jnp.sum(logits * tot[None], axis=-1)
+             - _pad_views(jnp.sum(logits[:m] * targets[:m], axis=-1), v))
+    return mass * lse - cross, (logits, targets, lse, mass, tot)
+
+
+@jax.custom_vjp
+def _cross_view(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return _cross_view_parts(logits, targets)[0]
+
+
+def _cross_view_bwd(res, g):
+    logits, targets, lse, mass, tot = res
+    m = min(logits.shape[0], targets.shape[0])
+    g, lse = g[..., None], lse[..., None]
+    d = g * (mass[..., None] * jnp.exp(logits - lse) - tot[None])
+    head = d[:m] + g[:m] * targets[:m]
+    d_logits = jnp.concatenate([head, d[m:]]) if m < logits.shape[0] else head
+    a = g * (lse - logits)  # d/d targets[t] = Σ_{v ≠ t} g_v·(lse_v − logits[v])
+    return d_logits, sum_leading(a)[None] - _pad_views(a, targets.shape[0])
+
+
+_cross_view.defvjp(_cross_view_parts, _cross_view_bwd)
+
+
 def _pairwise(x: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """``op``-reduction over axis 0 by repeated halving: log2(n) contiguous elementwise
     passes over shrinking halves (an odd last row is carried to the next level)."""
@@ -156,20 +228,6 @@ def max_leading(x: jax.Array, keepdims: bool = False) -> jax.Array:
     return out[None] if keepdims else out
 
 
-def other_views_sum(targets: jax.Array, n_views: int) -> jax.Array:
-    """``[n_views, ...]``: for each view ``v``, the sum of ``targets[t]`` over the target
-    views ``t != v`` (all of them for ``v >= len(targets)``).
-
-    The multi-crop pairing of DINO and SwaV: every view predicts every target view but
-    its own, so ``Σ_v soft_cross_entropy(logits[v], other_views_sum(targets, V)[v])`` is
-    the sum of the cross entropies over all pairs with different indices, without a
-    ``[T, V]`` table of pairwise terms.
-    """
-    m = min(targets.shape[0], n_views)
-    own = jnp.pad(targets[:m], ((0, n_views - m),) + ((0, 0),) * (targets.ndim - 1))
-    return sum_leading(targets, keepdims=True) - own
-
-
 def offdiag_sq_sum(c: jax.Array) -> jax.Array:
     """Σ_{i≠j} c_ij² over the last two axes (exact masking, no cancellation)."""
     d = c.shape[-1]
@@ -194,6 +252,30 @@ def nuclear_norm(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.linalg.svd(x, compute_uv=False), axis=-1)
 
 
+@jax.custom_vjp
+def sym_gram(z: jax.Array) -> jax.Array:
+    """``z zᵀ`` over the last two axes (``[..., M, D] -> [..., M, M]``, batched), in full
+    precision.
+
+    Its VJP is one product, ``(g + gᵀ) z``, where autodiff of ``z @ z.T`` differentiates
+    both operands separately (two products of the same size, then a sum): for the
+    per-image token kernels of PaKa that is one batched matmul less of three.
+    """
+    return jnp.einsum("...md,...nd->...mn", z, z, precision=lax.Precision.HIGHEST)
+
+
+def _sym_gram_fwd(z):
+    return sym_gram(z), z
+
+
+def _sym_gram_bwd(z, g):
+    g = g + jnp.swapaxes(g, -1, -2)
+    return (jnp.einsum("...mn,...nd->...md", g, z, precision=lax.Precision.HIGHEST),)
+
+
+sym_gram.defvjp(_sym_gram_fwd, _sym_gram_bwd)
+
+
 def _order_keys(x: jax.Array) -> jax.Array:
     """Unsigned integers of ``x``'s width ordered as ``jnp.sort`` orders ``x``: ``-0.0``
     equal to ``0.0`` and every NaN after ``+inf`` (jax's canonicalization)."""
@@ -205,22 +287,68 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(u & sign, ~u, u | sign)  # negatives reversed, below the positives
 
 
+def _radix_argsort(keys: jax.Array, itype, bits: int, width: int) -> jax.Array:
+    """Exact stable argsort of unsigned order keys by LSD passes (see argsort_stable)."""
+    digit = width - 1 - bits  # digit bits beside the position in a signed int of `width`
+    pos = lax.broadcasted_iota(itype, keys.shape, keys.ndim - 1)
+    mask = jnp.asarray((1 << bits) - 1, itype)
+    perm = pos  # the order after the passes so far: least significant digit first
+    for shift in range(0, width, digit):
+        d = ((keys >> shift) & jnp.asarray((1 << digit) - 1, keys.dtype)).astype(itype)
+        d = d if shift == 0 else jnp.take_along_axis(d, perm, axis=-1)
+        order = lax.sort((d << bits) | pos, dimension=keys.ndim - 1) & mask
+        perm = order if shift == 0 else jnp.take_along_axis(perm, order, axis=-1)
+    return perm
+
+
+def _transposition_phase(keys: jax.Array, perm: jax.Array, first: int):
+    """One phase of odd-even transposition sort along the last axis: the pairs
+    ``(i, i + 1)`` for ``i = first, first + 2, …`` are swapped where strictly inverted
+    (so equal keys keep their order: the sort is stable)."""
+    n = keys.shape[-1]
+    m = (n - first) // 2
+    lo, hi = first, first + 2 * m
+    if m == 0:
+        return keys, perm
+    pairs = lambda a: a[..., lo:hi].reshape(a.shape[:-1] + (m, 2))  # noqa: E731
+    k = pairs(keys)
+    swap = k[..., 0] > k[..., 1]
+
+    def settle(a: jax.Array) -> jax.Array:
+        p = pairs(a)
+        first_, second = jnp.where(swap, p[..., 1], p[..., 0]), jnp.where(swap, p[..., 0],
+                                                                          p[..., 1])
+        mid = jnp.stack([first_, second], axis=-1).reshape(a.shape[:-1] + (2 * m,))
+        return jnp.concatenate([a[..., :lo], mid, a[..., hi:]], axis=-1)
+
+    return settle(keys), settle(perm)
+
+
+#: odd-even rounds tried after the prefix sort before the exact radix passes take over
+_FIXUP_ROUNDS = 8
+
+
 def argsort_stable(x: jax.Array) -> jax.Array:
-    """``jnp.argsort(x, axis=-1, stable=True)`` of a float array, by LSD radix passes of
-    single-operand integer sorts.
+    """``jnp.argsort(x, axis=-1, stable=True)`` of a float array from one single-operand
+    integer sort and a short exact fix-up.
 
     XLA:CPU sorts plain integers several times faster than floats under jax's total-order
     comparator, or than any multi-operand sort (which ``jnp.argsort`` and the gradient of
     ``jnp.sort`` are): for ``(8, 4096, 256)`` float32 (the VISReg row of ``benchmarks/``,
     jax 0.10, 2 cores) one int32 sort takes about 0.3 s, ``jnp.argsort`` 2.5–4.5 s.
 
-    Each pass sorts one digit of the order-preserving integer key of ``x`` with the
-    current position packed into the low ``b = bit_length(n - 1)`` bits (the packed keys
-    are distinct, hence the passes are stable): ``ceil(w / (w - 1 - b))`` passes for
-    ``w``-bit floats (two for float32 and ``n <= 2**15``). Ties keep their index order,
-    ``-0.0 == 0.0``, NaNs last, as ``jnp.argsort``. Other float widths go through float32
-    (an exact, order-preserving cast); a last axis too long for 8-bit digits falls back
-    to ``jnp.argsort``.
+    The order-preserving integer key of ``x`` has its ``b = bit_length(n - 1)`` lowest
+    bits replaced by the position, and one sort of these distinct integers orders the
+    elements by the key's top bits, ties by position. Only elements whose keys agree in
+    the top bits (relative differences below about ``2**(b - 24)`` in float32) can be
+    out of order; rounds of odd-even transposition sort on the full keys (adjacent
+    strict inversions swapped, so the order stays stable) settle them, as long as any
+    inversion is left, for at most :data:`_FIXUP_ROUNDS` rounds. If one is still left
+    after those (many nearly equal values), the exact LSD radix passes run instead
+    (``ceil(w / (w - 1 - b))`` single-operand sorts of one digit each). Ties keep their
+    index order, ``-0.0 == 0.0``, NaNs last, as ``jnp.argsort``. Other float widths go
+    through float32 (an exact, order-preserving cast); a last axis too long for 8-bit
+    digits falls back to ``jnp.argsort``.
     """
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"argsort_stable: expected a floating array, got {x.dtype}")
@@ -228,16 +356,30 @@ def argsort_stable(x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
     n, width = x.shape[-1], 8 * x.dtype.itemsize
     bits = max(1, (n - 1).bit_length())
-    digit = width - 1 - bits  # digit bits beside the position in a signed int of `width`
-    if n <= 1 or digit < 8:  # more than 4 (float32) or 8 (float64) passes
+    if n <= 1 or width - 1 - bits < 8:  # more than 4 (float32) or 8 (float64) passes
         return jnp.argsort(x, axis=-1, stable=True)
     itype = jnp.int32 if width == 32 else jnp.int64
-    keys, pos = _order_keys(x), lax.broadcasted_iota(itype, x.shape, x.ndim - 1)
+    keys = _order_keys(x)
+    # the unsigned keys' order as signed integers (flip the top bit)
+    signed = lax.bitcast_convert_type(keys ^ jnp.asarray(1 << (width - 1), keys.dtype), itype)
+    pos = lax.broadcasted_iota(itype, x.shape, x.ndim - 1)
     mask = jnp.asarray((1 << bits) - 1, itype)
-    perm = pos  # the order after the passes so far: least significant digit first
-    for shift in range(0, width, digit):
-        d = ((keys >> shift) & jnp.asarray((1 << digit) - 1, keys.dtype)).astype(itype)
-        d = d if shift == 0 else jnp.take_along_axis(d, perm, axis=-1)
-        order = lax.sort((d << bits) | pos, dimension=x.ndim - 1) & mask
-        perm = order if shift == 0 else jnp.take_along_axis(perm, order, axis=-1)
-    return perm
+    order = lax.sort((signed & ~mask) | pos, dimension=x.ndim - 1) & mask
+    ks = jnp.take_along_axis(signed, order, axis=-1)
+
+    def inverted(ks):
+        return jnp.any(ks[..., :-1] > ks[..., 1:])
+
+    def cond(carry):
+        ks, _, rounds = carry
+        return (rounds < _FIXUP_ROUNDS) & inverted(ks)
+
+    def one_round(carry):
+        ks, perm, rounds = carry
+        ks, perm = _transposition_phase(ks, perm, 0)
+        ks, perm = _transposition_phase(ks, perm, 1)
+        return ks, perm, rounds + 1
+
+    ks, order, _ = lax.while_loop(cond, one_round, (ks, order, jnp.zeros((), jnp.int32)))
+    return lax.cond(inverted(ks), lambda: _radix_argsort(keys, itype, bits, width),
+                    lambda: order)

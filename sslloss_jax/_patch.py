@@ -18,7 +18,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import l2_normalize, safe_norm, safe_sqrt, upcast
+from sslloss_jax._numerics import l2_normalize, safe_norm, safe_sqrt, sym_gram, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["patch_kernel_alignment_loss", "dse_regularizer", "roi_resample_to_grid"]
@@ -44,12 +44,13 @@ def _centered_kernel(z: jax.Array, w: jax.Array) -> jax.Array:
     Double-centering a linear kernel is the kernel of the centered tokens,
     ``(z_i − μ)·(z_j − μ)`` with ``μ`` the mean of the valid tokens, masked by
     ``w_i w_j``: the tokens are centered (``B·M·D``) instead of the kernel's rows,
-    columns and total being subtracted (four passes over ``B·M²`` and their backward).
+    columns and total being subtracted (four passes over ``B·M²`` and their backward);
+    :func:`sym_gram`'s backward is one batched product.
     """
     n = jnp.maximum(jnp.sum(w, axis=-1), 1.0)  # [B]
     mean = jnp.einsum("bm,bmd->bd", w, z, precision=_HIGHEST) / n[:, None]
     zc = (z - mean[:, None, :]) * w[:, :, None]
-    return jnp.einsum("bnd,bmd->bnm", zc, zc, precision=_HIGHEST)
+    return sym_gram(zc)
 
 
 def patch_kernel_alignment_loss(

@@ -277,8 +277,11 @@ def _swav(c: Ctx) -> LossOut:
     # the queue is switched on (traced flag: no retrace) after a third of the run, once full
     valid = (c.step >= c.steps // 3) & (queue.filled == queue.features.shape[1])
     scores = lambda f: f @ protos.T
+    # epsilon 0.03: the official SwaV code's advice when the loss sticks at log K (with
+    # lightly's default 0.05 the codes of this demo's nearly collapsed initial features are
+    # uniform and the predictions follow them)
     loss = ssl.swav_loss([scores(f) for f in feats[:2]], [scores(f) for f in feats[2:]],
-                         scores(queue.features), queue_valid=valid)
+                         scores(queue.features), queue_valid=valid, sinkhorn_epsilon=0.03)
     return loss, ssl.swav_queue_update(queue, _sg(feats[:2]))
 
 
@@ -321,8 +324,10 @@ def _visreg(c: Ctx) -> LossOut:
 def _lewm(c: Ctx) -> LossOut:
     assert c.p is not None
     emb = jnp.stack(c.z[:2], axis=1)  # the two views as two "frames"
+    # SIGReg weight 0.02 (lightly's default 0.1 keeps this demo's embeddings near the
+    # random-init level: +0.014 with BN heads, 0.05 gives +0.042, 0.02 +0.059)
     return ssl.lewm_loss(c.p[0][:, None], _sg(c.z[1])[:, None], emb, c.key,
-                         sigreg_num_vectors=256), c.state
+                         sigreg_num_vectors=256, lambda_param=0.02), c.state
 
 
 def _idmm(c: Ctx) -> LossOut:
@@ -414,8 +419,9 @@ ADAPTERS: dict[str, Adapter] = {
                          "normalized prototypes), BN heads", local_views=2, out_dim=64,
                          cosine_head=256, head_norm="batch", teacher=True,
                          init_state=lambda key, batch, dim: ssl.init_dino_state(dim)),
-    "swav_loss": Adapter(_swav, "SwaV: 30 prototypes, 2 + 2 crops, queue switched on "
-                         "after a third of the run", local_views=2, prototypes=30,
+    "swav_loss": Adapter(_swav, "SwaV: 100 prototypes, epsilon 0.03, 2 + 2 crops, queue "
+                         "switched on after a third of the run, BN heads", local_views=2,
+                         prototypes=100, head_norm="batch",
                          init_state=lambda key, batch, dim: ssl.init_swav_queue(
                              2, 2 * batch, dim)),
     "msn_loss": Adapter(_msn(ssl.msn_loss), "MSN: EMA targets, 30 prototypes, 1 + 2 anchors, "
@@ -428,8 +434,8 @@ ADAPTERS: dict[str, Adapter] = {
                            local_views=2, head_norm="batch"),
     "visreg_loss": Adapter(_visreg, "VISReg: 2 global + 2 local views, BN heads",
                            local_views=2, head_norm="batch"),
-    "lewm_loss": Adapter(_lewm, "LeWM: the two views as two frames, predictor",
-                         predictor=True),
+    "lewm_loss": Adapter(_lewm, "LeWM: the two views as two frames, predictor, SIGReg "
+                         "weight 0.02, BN heads", predictor=True, head_norm="batch"),
     "idmm_loss": Adapter(_idmm, "instance discrimination: one logit per training image",
                          out_dim="instances"),
 }

@@ -1,6 +1,6 @@
 """The CPU performance workarounds of _numerics are exact: the pairwise leading-axis
-reductions are jnp.sum / jnp.max with jnp.sum's gradient, and the radix argsort is
-jnp.argsort(stable=True)."""
+reductions are jnp.sum / jnp.max with jnp.sum's gradient, the radix argsort is
+jnp.argsort(stable=True), and sym_gram's one-product VJP is autodiff's of z @ z.T."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sslloss_jax._numerics import argsort_stable, max_leading, sum_leading
+from sslloss_jax import _numerics
+from sslloss_jax._numerics import (
+    argsort_stable,
+    cross_view_entropy,
+    max_leading,
+    soft_cross_entropy,
+    sum_leading,
+    sym_gram,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (2, 5), (7, 4, 3), (64, 6), (65, 2, 2)])
@@ -59,6 +67,22 @@ def test_argsort_stable_equals_jnp_argsort(dtype, n):
     np.testing.assert_array_equal(jax.jit(argsort_stable)(x), want)
 
 
+@pytest.mark.parametrize("n", [7, 256, 300])
+def test_argsort_stable_settles_keys_equal_in_their_top_bits(n):
+    # Values one ulp apart share the prefix the single sort orders by: a few swapped
+    # neighbours are settled by the transposition rounds, a long descending run of them
+    # (more rounds than allowed) by the exact radix passes.
+    ulps = np.float32(1.0) + np.arange(n, dtype=np.float32) * np.spacing(np.float32(1.0))
+    few = ulps.copy()
+    few[1::5], few[2::5] = ulps[2::5][: len(few[1::5])], ulps[1::5][: len(few[2::5])]
+    rows = np.stack([few, ulps[::-1], np.where(np.arange(n) % 2, ulps, -ulps)])
+    x = jnp.asarray(rows)
+    want = jnp.argsort(x, axis=-1, stable=True)
+    np.testing.assert_array_equal(argsort_stable(x), want)
+    np.testing.assert_array_equal(jax.jit(argsort_stable)(x), want)
+    np.testing.assert_array_equal(jax.vmap(argsort_stable)(x), want)
+
+
 def test_argsort_stable_float64_batched_and_vmapped():
     with jax.enable_x64(True):
         x = jnp.asarray(_with_special_values(np.random.default_rng(2).standard_normal((5, 300))))
@@ -71,3 +95,71 @@ def test_argsort_stable_float64_batched_and_vmapped():
 def test_argsort_stable_rejects_integers():
     with pytest.raises(TypeError, match="floating"):
         argsort_stable(jnp.arange(4))
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 2, 6, 4)])
+def test_sym_gram_value_and_gradients(shape):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(2)
+        z = jnp.asarray(rng.standard_normal(shape))
+        w = jnp.asarray(rng.standard_normal(shape[:-1] + shape[-2:-1]))  # not symmetric
+        np.testing.assert_allclose(sym_gram(z), z @ jnp.swapaxes(z, -1, -2), rtol=1e-12)
+        check_grads(lambda z: jnp.sum(jnp.tanh(sym_gram(z)) * w), (z,), order=1,
+                    modes=["rev"])
+        ref = jax.grad(lambda z: jnp.sum(jnp.tanh(z @ jnp.swapaxes(z, -1, -2)) * w))(z)
+        got = jax.jit(jax.grad(lambda z: jnp.sum(jnp.tanh(sym_gram(z)) * w)))(z)
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12)
+        if len(shape) >= 3:  # vmap over the leading batch axis: the same gradients
+            per_item = jax.vmap(jax.grad(
+                lambda zi, wi: jnp.sum(jnp.tanh(sym_gram(zi)) * wi)))(z, w)
+            np.testing.assert_allclose(per_item, ref, rtol=1e-10, atol=1e-12)
+
+
+def _reference_soft_ce(logits, targets):
+    return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def test_soft_cross_entropy_value_and_gradients():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        logits = jnp.asarray(rng.standard_normal((3, 4, 6)) * 2)
+        targets = jnp.asarray(rng.uniform(size=(3, 4, 6)))  # rows need not sum to one
+        np.testing.assert_allclose(soft_cross_entropy(logits, targets),
+                                   _reference_soft_ce(logits, targets), rtol=1e-12)
+        w = jnp.asarray(rng.standard_normal((3, 4)))
+        f = lambda x, t: jnp.sum(jnp.tanh(soft_cross_entropy(x, t)) * w)  # noqa: E731
+        check_grads(f, (logits, targets), order=1, modes=["rev"])
+        ref = jax.grad(lambda x, t: jnp.sum(jnp.tanh(_reference_soft_ce(x, t)) * w),
+                       argnums=(0, 1))(logits, targets)
+        for got, want in zip(jax.jit(jax.grad(f, argnums=(0, 1)))(logits, targets), ref,
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("n_views,n_targets", [(5, 2), (2, 2), (3, 1), (2, 4)])
+def test_cross_view_entropy_is_the_sum_over_other_target_views(n_views, n_targets,
+                                                               recompute, monkeypatch):
+    # both paths: the custom VJP (small logits) and autodiff (past _RECOMPUTE_BYTES)
+    monkeypatch.setattr(_numerics, "_RECOMPUTE_BYTES", 2**40 if recompute else 0)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(n_views * 10 + n_targets)
+        logits = jnp.asarray(rng.standard_normal((n_views, 4, 7)) * 2)
+        targets = jnp.asarray(rng.uniform(size=(n_targets, 4, 7)))
+
+        def reference(logits, targets):  # the [T, V] table of pairwise terms
+            rows = [sum((_reference_soft_ce(logits[v], targets[t])
+                         for t in range(n_targets) if t != v), jnp.zeros(4))
+                    for v in range(n_views)]
+            return jnp.stack(rows)
+
+        np.testing.assert_allclose(cross_view_entropy(logits, targets),
+                                   reference(logits, targets), rtol=1e-12, atol=1e-12)
+        w = jnp.asarray(rng.standard_normal((n_views, 4)))
+        f = lambda x, t: jnp.sum(jnp.tanh(cross_view_entropy(x, t)) * w)  # noqa: E731
+        check_grads(f, (logits, targets), order=1, modes=["rev"])
+        ref = jax.grad(lambda x, t: jnp.sum(jnp.tanh(reference(x, t)) * w),
+                       argnums=(0, 1))(logits, targets)
+        for got, want in zip(jax.jit(jax.grad(f, argnums=(0, 1)))(logits, targets), ref,
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
