@@ -377,9 +377,11 @@ FLOOR_NOTES = {
     "tico": "ZᵀZ and Z·C' (2 B·D² products)",
     "lse": "logsumexp of the student (+ its gradient), exp of the teacher",
     "proj_lse": "anchors·protosᵀ logsumexp forward and backward, exp of targets·protosᵀ",
-    "slices": "projections X·A forward and backward, with cos/sin at the 17 knots (SIGReg, "
-              "LeJEPA) or one single-operand int32 sort of every slice along its view's batch "
-              "(VISReg; the loss's exact argsort takes two such sorts)",
+    "slices": "projections X·A forward and backward, with one cos and one sin of every "
+              "projection forward and backward (SIGReg, LeJEPA: the other knots follow by "
+              "angle addition) or one single-operand int32 sort of every slice along its "
+              "view's batch (VISReg; the loss's exact argsort takes one such sort and a "
+              "fix-up)",
     "kernel": "per-image token kernels of both sides and the backward product",
 }
 REGISTRY_FLOORS = {
@@ -468,16 +470,14 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
         visreg = LOSSES[row.loss].ours == "visreg_loss"
         s = 4096 if visreg else 1024
         a = jax.random.normal(jax.random.key(1), (x.shape[-1], s), x.dtype)
-        knots = jnp.linspace(0.0, 3.0, 17, dtype=x.dtype)
         if visreg:  # the shape term sorts every slice's projections along its view's batch
             def g(x, a):  # one plain integer sort (XLA:CPU's fastest) feeding the backward
                 p, vjp = jax.vjp(lambda x: jnp.einsum("vnd,ds->vsn", x, a),
                                  x.reshape(-1, row.batch, x.shape[-1]))
                 keys = lax.sort(lax.bitcast_convert_type(p, jnp.int32), dimension=2)
                 return vjp(keys.astype(p.dtype))
-        else:
-            g = jax.grad(lambda x, a: jnp.sum(jnp.cos((x @ a)[..., None] * knots))
-                         + jnp.sum(jnp.sin((x @ a)[..., None] * knots)))
+        else:  # the other knots' cos/sin follow by angle addition (multiply-adds)
+            g = jax.grad(lambda x, a: jnp.sum(jnp.cos(x @ a)) + jnp.sum(jnp.sin(x @ a)))
         fn, args = g, (x, a)
     elif kind == "kernel":
         def fn(s, t):

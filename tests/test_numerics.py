@@ -119,7 +119,9 @@ def _reference_soft_ce(logits, targets):
     return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
-def test_soft_cross_entropy_value_and_gradients():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_soft_cross_entropy_value_and_gradients(recompute, monkeypatch):
+    monkeypatch.setattr(_numerics, "_RECOMPUTE_BYTES", 2**40 if recompute else 0)
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
         logits = jnp.asarray(rng.standard_normal((3, 4, 6)) * 2)
