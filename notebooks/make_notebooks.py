@@ -353,7 +353,7 @@ for impl in sizes:
     ("md", """\
 The tiled path's values and gradients equal the dense path's (float32 round-off; ≤ 6e-16
 in float64, checked by the test suite), and `"auto"` (the default) switches to it above
-4096² logits per device. Under `shard_map` with `axis_name` the tiled path becomes a ring
+2048 × 1024 logits per device. Under `shard_map` with `axis_name` the tiled path becomes a ring
 (`lax.ppermute` of key blocks and their gradients), so per-device memory follows the local
 batch. Measured peak RSS and time against lightly, up to 131,072 rows:
 `benchmarks/memory.py` and `benchmarks/results/*-memory.{txt,png}`."""),

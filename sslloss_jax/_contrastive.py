@@ -182,8 +182,8 @@ def ntxent_loss(
         them in ``block_size × block_size`` tiles with a custom VJP, so memory (forward and
         backward) grows linearly with the batch, and under ``axis_name`` passes the key
         blocks around a ring of devices (``lax.ppermute``) instead of gathering them.
-        ``"auto"`` picks tiled above 4096² logits per device. Both give the same value and
-        gradients to float round-off.
+        ``"auto"`` picks tiled above 2048 × 1024 logits per device. Both give the same
+        value and gradients to float round-off.
       block_size: tile edge of the tiled path (static; default 1024).
 
     Returns:
