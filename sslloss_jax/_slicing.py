@@ -11,6 +11,7 @@ participant uses the same slices without a broadcast, as lightly's rank-0 broadc
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -145,6 +146,27 @@ def _ecf_bwd(step, knots, x, g):
 _ecf_sums.defvjp(_ecf_fwd, _ecf_bwd)
 
 
+#: Elements of one ``(cos, sin)`` array of the recurrence (2 MiB in float32): the slices
+#: are processed in chunks of this size, which stay in cache across the knots.
+_ECF_CHUNK_ELEMENTS = 2**19
+
+
+def _ecf_sums_chunked(x: jax.Array, step: float, knots: int) -> jax.Array:
+    """:func:`_ecf_sums` over chunks of the slice axis (``lax.map``) when ``x`` is larger
+    than :data:`_ECF_CHUNK_ELEMENTS`: each knot reads and writes the recurrence's arrays,
+    which then stay cache-resident (LeJEPA's 8 views × 256 × 1024 slices: 103 → 55 ms for
+    these sums forward and backward)."""
+    n_slices = x.shape[-1]
+    target = max(1, _ECF_CHUNK_ELEMENTS // max(1, math.prod(x.shape[:-1])))
+    chunk = max(d for d in range(1, min(target, n_slices) + 1) if n_slices % d == 0)
+    if chunk == n_slices:
+        return _ecf_sums(x, step, knots)
+    xs = jnp.moveaxis(x.reshape(x.shape[:-1] + (n_slices // chunk, chunk)), -2, 0)
+    out = lax.map(lambda xc: _ecf_sums(xc, step, knots), xs)  # [C, 2, ..., chunk, K]
+    out = jnp.moveaxis(out, 0, -3)  # [2, ..., C, chunk, K]
+    return out.reshape(out.shape[:-3] + (n_slices, knots))
+
+
 def _sigreg_core(proj: jax.Array, a: jax.Array, knots: int, t_max: float,
                  axis_name: AxisName) -> jax.Array:
     """SIGReg of ``proj [..., n, D]`` (local rows of the global batch on axis -2)."""
@@ -152,7 +174,7 @@ def _sigreg_core(proj: jax.Array, a: jax.Array, knots: int, t_max: float,
     _, phi, weights = _sigreg_grid(knots, t_max, proj.dtype)
     x = jnp.matmul(proj, a, precision=_HIGHEST)  # [..., n, S]
     k = knots
-    sums = coll.psum(_ecf_sums(x, t_max / (knots - 1), knots), axis_name)
+    sums = coll.psum(_ecf_sums_chunked(x, t_max / (knots - 1), knots), axis_name)
     cos_mean, sin_mean = sums[0] / n_global, sums[1] / n_global  # [..., S, K]
     lead = (1,) * (cos_mean.ndim - 1)
     err = jnp.square(cos_mean - phi.reshape(lead + (k,))) + jnp.square(sin_mean)

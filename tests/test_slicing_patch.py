@@ -326,3 +326,30 @@ X3 = randn(10, (2, 6, 4))
 def test_bad_inputs(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 24, 10**9])
+def test_sigreg_characteristic_function_recurrence_and_chunks(chunk_elements, monkeypatch):
+    # The angle-addition recurrence (any chunking of the slices) against cos/sin of the
+    # broadcast products, values and gradients in float64.
+    from jax.test_util import check_grads
+
+    from sslloss_jax import _slicing
+
+    monkeypatch.setattr(_slicing, "_ECF_CHUNK_ELEMENTS", chunk_elements)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        x = jnp.asarray(rng.standard_normal((3, 4, 6)) * 2)  # [views, n, slices]
+        w = jnp.asarray(rng.standard_normal((2, 3, 6, 5)))
+        t = jnp.linspace(0.0, 2.0, 5)
+
+        def reference(x):
+            xt = x[..., None] * t.reshape(1, 1, 1, -1)
+            return jnp.stack([jnp.sum(jnp.cos(xt), axis=-3), jnp.sum(jnp.sin(xt), axis=-3)])
+
+        got = _slicing._ecf_sums_chunked(x, 0.5, 5)
+        np.testing.assert_allclose(got, reference(x), rtol=1e-12, atol=1e-12)
+        f = lambda x: jnp.sum(jnp.tanh(_slicing._ecf_sums_chunked(x, 0.5, 5)) * w)  # noqa: E731
+        check_grads(f, (x,), order=1, modes=["rev"])
+        np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(
+            lambda x: jnp.sum(jnp.tanh(reference(x)) * w))(x), rtol=1e-10, atol=1e-12)
