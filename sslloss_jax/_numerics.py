@@ -115,9 +115,14 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     where the loss detaches them.
     """
     logits, targets = upcast(logits, targets)
-    if logits.size * logits.dtype.itemsize <= _RECOMPUTE_BYTES:
+    if _recompute(logits):
         return _soft_ce(logits, targets)
     return _soft_ce_parts(logits, targets)[0]
+
+
+def _recompute(logits: jax.Array) -> bool:
+    """Whether the softmax is recomputed in the backward pass (see _RECOMPUTE_BYTES)."""
+    return logits.size * logits.dtype.itemsize <= _RECOMPUTE_BYTES
 
 
 def _soft_ce_parts(logits, targets):
@@ -165,7 +170,7 @@ def cross_view_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     pass (250 ms against 300 ms recomputing).
     """
     logits, targets = upcast(logits, targets)
-    if logits.size * logits.dtype.itemsize <= _RECOMPUTE_BYTES:
+    if _recompute(logits):
         return _cross_view(logits, targets)
     return _cross_view_parts(logits, targets)[0]
 
@@ -340,11 +345,10 @@ def _transposition_phase(keys: jax.Array, perm: jax.Array, first: int):
     swap = k[..., 0] > k[..., 1]
 
     def settle(a: jax.Array) -> jax.Array:
-        p = pairs(a)
-        first_, second = jnp.where(swap, p[..., 1], p[..., 0]), jnp.where(swap, p[..., 0],
-                                                                          p[..., 1])
-        mid = jnp.stack([first_, second], axis=-1).reshape(a.shape[:-1] + (2 * m,))
-        return jnp.concatenate([a[..., :lo], mid, a[..., hi:]], axis=-1)
+        left, right = pairs(a)[..., 0], pairs(a)[..., 1]
+        mid = jnp.stack([jnp.where(swap, right, left), jnp.where(swap, left, right)], axis=-1)
+        return jnp.concatenate([a[..., :lo], mid.reshape(a.shape[:-1] + (2 * m,)),
+                                a[..., hi:]], axis=-1)
 
     return settle(keys), settle(perm)
 
@@ -365,7 +369,7 @@ def argsort_stable(x: jax.Array) -> jax.Array:
     The order-preserving integer key of ``x`` has its ``b = bit_length(n - 1)`` lowest
     bits replaced by the position, and one sort of these distinct integers orders the
     elements by the key's top bits, ties by position. Only elements whose keys agree in
-    the top bits (relative differences below about ``2**(b - 24)`` in float32) can be
+    the top bits (relative differences below about ``2**(b - 23)`` in float32) can be
     out of order; rounds of odd-even transposition sort on the full keys (adjacent
     strict inversions swapped, so the order stays stable) settle them, as long as any
     inversion is left, for at most :data:`_FIXUP_ROUNDS` rounds. If one is still left

@@ -104,6 +104,21 @@ def assert_tree_close(actual: Any, expected: Any, *, rtol: float, atol: float = 
         )
 
 
+def assert_matches_reference(fn: Callable, reference: Callable, args: tuple, weights: Any
+                             ) -> None:
+    """A primitive against its plain-formula reference, in the caller's (float64) dtype:
+    the values, ``check_grads`` of ``Σ tanh(fn(*args))·weights`` and its jitted gradients
+    in every argument against autodiff of the reference."""
+    from jax.test_util import check_grads
+
+    np.testing.assert_allclose(fn(*args), reference(*args), rtol=1e-12, atol=1e-12)
+    argnums = tuple(range(len(args)))
+    f = lambda *a: jnp.sum(jnp.tanh(fn(*a)) * weights)  # noqa: E731
+    check_grads(f, args, order=1, modes=["rev"])
+    want = jax.grad(lambda *a: jnp.sum(jnp.tanh(reference(*a)) * weights), argnums)(*args)
+    assert_tree_close(jax.jit(jax.grad(f, argnums))(*args), want, rtol=1e-10, atol=1e-12)
+
+
 def scaled_atol(expected: Any, rtol: float) -> float:
     """An absolute tolerance of ``rtol`` times the largest magnitude in ``expected``, so
     near-zero entries of a gradient are compared at the scale of the whole array."""

@@ -13,7 +13,7 @@ import pytest
 import sslloss_jax as S
 from sslloss_jax._patch import _kmeans, _kmeans_pp_init
 from sslloss_jax._registry import Example, LossSpec, get
-from tests._harness import assert_distributed_equivalent
+from tests._harness import assert_distributed_equivalent, assert_matches_reference
 
 KEY = jax.random.key(0)
 
@@ -332,8 +332,6 @@ def test_bad_inputs(call, err, match):
 def test_sigreg_characteristic_function_recurrence_and_chunks(chunk_elements, monkeypatch):
     # The angle-addition recurrence (any chunking of the slices) against cos/sin of the
     # broadcast products, values and gradients in float64.
-    from jax.test_util import check_grads
-
     from sslloss_jax import _slicing
 
     monkeypatch.setattr(_slicing, "_ECF_CHUNK_ELEMENTS", chunk_elements)
@@ -347,9 +345,5 @@ def test_sigreg_characteristic_function_recurrence_and_chunks(chunk_elements, mo
             xt = x[..., None] * t.reshape(1, 1, 1, -1)
             return jnp.stack([jnp.sum(jnp.cos(xt), axis=-3), jnp.sum(jnp.sin(xt), axis=-3)])
 
-        got = _slicing._ecf_sums_chunked(x, 0.5, 5)
-        np.testing.assert_allclose(got, reference(x), rtol=1e-12, atol=1e-12)
-        f = lambda x: jnp.sum(jnp.tanh(_slicing._ecf_sums_chunked(x, 0.5, 5)) * w)  # noqa: E731
-        check_grads(f, (x,), order=1, modes=["rev"])
-        np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(
-            lambda x: jnp.sum(jnp.tanh(reference(x)) * w))(x), rtol=1e-10, atol=1e-12)
+        assert_matches_reference(lambda x: _slicing._ecf_sums_chunked(x, 0.5, 5), reference,
+                                 (x,), w)
