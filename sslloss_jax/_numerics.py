@@ -374,7 +374,8 @@ def argsort_stable(x: jax.Array) -> jax.Array:
     strict inversions swapped, so the order stays stable) settle them, as long as any
     inversion is left, for at most :data:`_FIXUP_ROUNDS` rounds. If one is still left
     after those (many nearly equal values), the exact LSD radix passes run instead
-    (``ceil(w / (w - 1 - b))`` single-operand sorts of one digit each). Ties keep their
+    (``ceil(w / (w - 1 - b))`` single-operand sorts of one digit each; under ``vmap``
+    that choice becomes a ``select``, so the radix passes then always run). Ties keep their
     index order, ``-0.0 == 0.0``, NaNs last, as ``jnp.argsort``. Other float widths go
     through float32 (an exact, order-preserving cast); a last axis too long for 8-bit
     digits falls back to ``jnp.argsort``.
