@@ -136,10 +136,17 @@ def _soft_ce(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return _soft_ce_parts(logits, targets)[0]
 
 
-def _soft_ce_bwd(res, g):
-    logits, targets, lse, mass = res
+def _ce_cotangents(g, logits, targets, lse, mass):
+    """Cotangents of ``mass·lse(logits) − Σ targets·logits`` per row, the softmax
+    recomputed: ``g·(mass·softmax − targets)`` for the logits, ``g·(lse − logits)`` for
+    targets of the logits' shape."""
     g, lse = g[..., None], lse[..., None]
     return g * (mass[..., None] * jnp.exp(logits - lse) - targets), g * (lse - logits)
+
+
+def _soft_ce_bwd(res, g):
+    logits, targets, lse, mass = res
+    return _ce_cotangents(g, logits, targets, lse, mass)
 
 
 _soft_ce.defvjp(_soft_ce_parts, _soft_ce_bwd)
@@ -200,11 +207,11 @@ def _cross_view(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def _cross_view_bwd(res, g):
     logits, targets, lse, mass, tot = res
     m = min(logits.shape[0], targets.shape[0])
-    g, lse = g[..., None], lse[..., None]
-    d = g * (mass[..., None] * jnp.exp(logits - lse) - tot[None])
-    head = d[:m] + g[:m] * targets[:m]
+    # every view against the total, then its own targets added back (views v < T)
+    d, a = _ce_cotangents(g, logits, tot[None], lse, mass)
+    head = d[:m] + g[:m, ..., None] * targets[:m]
     d_logits = jnp.concatenate([head, d[m:]]) if m < logits.shape[0] else head
-    a = g * (lse - logits)  # d/d targets[t] = Σ_{v ≠ t} g_v·(lse_v − logits[v])
+    # d/d targets[t] = Σ_{v ≠ t} g_v·(lse_v − logits[v])
     return d_logits, sum_leading(a)[None] - _pad_views(a, targets.shape[0])
 
 

@@ -76,15 +76,15 @@ def _check_sigreg_params(knots: object, t_max: ArrayLike, num: object, num_name:
     return knots, float(tm), num
 
 
-def _sigreg_grid(knots: int, t_max: float, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``t = linspace(0, t_max, knots)``, ``phi = exp(-t²/2)`` and the doubled trapezoid
-    weights times ``phi`` (lightly's buffers), in ``dtype``."""
+def _sigreg_grid(knots: int, t_max: float, dtype) -> tuple[float, jax.Array, jax.Array]:
+    """The knot spacing ``dt`` of ``t = linspace(0, t_max, knots)``, ``phi = exp(-t²/2)``
+    and the doubled trapezoid weights times ``phi`` (lightly's buffers), in ``dtype``."""
     t = np.linspace(0.0, t_max, knots)
     dt = t_max / (knots - 1)
     w = np.full((knots,), 2 * dt)
     w[[0, -1]] = dt
     phi = np.exp(-np.square(t) / 2.0)
-    return jnp.asarray(t, dtype), jnp.asarray(phi, dtype), jnp.asarray(w * phi, dtype)
+    return dt, jnp.asarray(phi, dtype), jnp.asarray(w * phi, dtype)
 
 
 def _angle_steps(x: jax.Array, step: float, knots: int, body, init, xs=None):
@@ -171,14 +171,13 @@ def _sigreg_core(proj: jax.Array, a: jax.Array, knots: int, t_max: float,
                  axis_name: AxisName) -> jax.Array:
     """SIGReg of ``proj [..., n, D]`` (local rows of the global batch on axis -2)."""
     n_global = proj.shape[-2] * coll.axis_size(axis_name)
-    _, phi, weights = _sigreg_grid(knots, t_max, proj.dtype)
+    dt, phi, weights = _sigreg_grid(knots, t_max, proj.dtype)
     x = jnp.matmul(proj, a, precision=_HIGHEST)  # [..., n, S]
-    k = knots
-    sums = coll.psum(_ecf_sums_chunked(x, t_max / (knots - 1), knots), axis_name)
+    sums = coll.psum(_ecf_sums_chunked(x, dt, knots), axis_name)
     cos_mean, sin_mean = sums[0] / n_global, sums[1] / n_global  # [..., S, K]
     lead = (1,) * (cos_mean.ndim - 1)
-    err = jnp.square(cos_mean - phi.reshape(lead + (k,))) + jnp.square(sin_mean)
-    statistic = jnp.sum(err * weights.reshape(lead + (k,)), axis=-1) * n_global  # [..., S]
+    err = jnp.square(cos_mean - phi.reshape(lead + (knots,))) + jnp.square(sin_mean)
+    statistic = jnp.sum(err * weights.reshape(lead + (knots,)), axis=-1) * n_global  # [..., S]
     return jnp.mean(statistic)
 
 
