@@ -15,7 +15,7 @@ from sslloss_jax import _collectives as coll
 from sslloss_jax import _tiled as tiled
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, check_memory_bank, memory_bank_enqueue
-from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
+from sslloss_jax._numerics import argmax_first, l2_normalize, masked_logsumexp, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -1013,7 +1013,7 @@ def nnclr_loss(
     zz, pp = upcast(zz, pp)
     z_hat = lax.stop_gradient(l2_normalize(zz))
     support = lax.stop_gradient(queue.bank).astype(z_hat.dtype)
-    nn = l2_normalize(support[jnp.argmax(z_hat @ support.T, axis=1)])  # (B, D)
+    nn = l2_normalize(support[argmax_first(z_hat @ support.T, axis=1)])  # (B, D)
     p_hat = l2_normalize(pp)
     t = jnp.asarray(temperature, p_hat.dtype)
     lse = masked_logsumexp((nn @ coll.all_gather(p_hat, axis_name).T) / t, None, axis=1)

@@ -265,6 +265,33 @@ def max_leading(x: jax.Array, keepdims: bool = False) -> jax.Array:
     return out[None] if keepdims else out
 
 
+def _arg_extreme(x: jax.Array, axis: int, extreme: Callable) -> jax.Array:
+    axis = axis % x.ndim
+    m = extreme(x, axis=axis, keepdims=True)
+    hit = x == m
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        hit = hit | jnp.isnan(x)  # as argmax/argmin: a NaN row's first NaN
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    return jnp.min(jnp.where(hit, iota, jnp.int32(x.shape[axis])), axis=axis)
+
+
+def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``jnp.argmax(x, axis)`` (int32; the first index among ties; a NaN counts as the
+    maximum) as a max and a masked min: two vectorized reductions.
+
+    XLA:CPU lowers ``argmax``'s (value, index) variadic reduce to a scalar loop: 0.22 ms
+    for a ``(256, 256)`` similarity against 0.09 ms this way (jax 0.10, 2 cores), more
+    than the ``256×256×128`` product that made it (KoLeo, NNCLR, VICRegL's matching,
+    PaKa's k-means). Integer output, so no gradient, as ``argmax``.
+    """
+    return _arg_extreme(x, axis, jnp.max)
+
+
+def argmin_first(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``jnp.argmin(x, axis)`` the same way (see :func:`argmax_first`)."""
+    return _arg_extreme(x, axis, jnp.min)
+
+
 def offdiag_sq_sum(c: jax.Array) -> jax.Array:
     """Σ_{i≠j} c_ij² over the last two axes (exact masking, no cancellation)."""
     d = c.shape[-1]

@@ -18,7 +18,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import l2_normalize, safe_norm, safe_sqrt, sym_gram, upcast
+from sslloss_jax._numerics import argmin_first, l2_normalize, safe_norm, safe_sqrt, sym_gram, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["patch_kernel_alignment_loss", "dse_regularizer", "roi_resample_to_grid"]
@@ -206,7 +206,7 @@ def _kmeans(x: jax.Array, init: jax.Array, key: jax.Array | None, iters: int, to
 
     def body(i, carry):
         c, done = carry
-        labels = jnp.argmin(_sq_dists(x, c), axis=1)
+        labels = argmin_first(_sq_dists(x, c), axis=1)
         onehot = (labels[:, None] == jnp.arange(k)[None, :]).astype(x.dtype)  # [P, K]
         counts = jnp.sum(onehot, axis=0)
         means = jnp.matmul(onehot.T, x, precision=_HIGHEST) / jnp.maximum(counts, 1.0)[:, None]
@@ -219,7 +219,7 @@ def _kmeans(x: jax.Array, init: jax.Array, key: jax.Array | None, iters: int, to
         return jnp.where(done, c, new), done | (shift < tol)
 
     c, _ = lax.fori_loop(0, iters, body, (c0, jnp.asarray(False)))
-    return c, jnp.argmin(_sq_dists(x, c), axis=1)
+    return c, argmin_first(_sq_dists(x, c), axis=1)
 
 
 def _svd_sum(m: jax.Array) -> jax.Array:

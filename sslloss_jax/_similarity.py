@@ -13,6 +13,7 @@ from jax import lax
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._numerics import (
+    argmax_first,
     cosine_similarity,
     l2_normalize,
     masked_logsumexp,
@@ -248,7 +249,7 @@ def koleo_loss(
     sim = z @ lax.stop_gradient(keys).T
     sim = jnp.where(jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :] == self_col[:, None],
                     -2.0, sim)
-    nn = jnp.argmax(lax.stop_gradient(sim), axis=1)
+    nn = argmax_first(lax.stop_gradient(sim), axis=1)
     diff = z - keys[nn] + eps
     if p == 2:
         dist = safe_norm(diff, axis=1)

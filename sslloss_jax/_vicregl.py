@@ -12,7 +12,7 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import upcast
+from sslloss_jax._numerics import argmin_first, upcast
 from sslloss_jax._redundancy import variance_covariance, vicreg_terms
 from sslloss_jax._types import ArrayLike, AxisName
 
@@ -87,7 +87,7 @@ def _nearest_neighbors(z_in, z_cand, dist, num_matches):
     ``num_matches`` (clipped to the input size) pairs of smallest distance, sorted by
     increasing distance (ties: lowest index first). Returns two (B, k, D) arrays."""
     k = min(num_matches, z_in.shape[1])
-    nn = jnp.argmin(dist, axis=2)  # (B, Na)
+    nn = argmin_first(dist, axis=2)  # (B, Na)
     nn_dist = jnp.min(dist, axis=2)
     _, sel = lax.top_k(-nn_dist, k)  # (B, k), ascending distance
     z_sel = jnp.take_along_axis(z_in, sel[..., None], axis=1)

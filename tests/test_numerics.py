@@ -10,6 +10,8 @@ from jax.test_util import check_grads
 
 from sslloss_jax import _numerics
 from sslloss_jax._numerics import (
+    argmax_first,
+    argmin_first,
     argsort_stable,
     cross_view_entropy,
     max_leading,
@@ -96,6 +98,26 @@ def test_argsort_stable_float64_batched_and_vmapped():
 def test_argsort_stable_rejects_integers():
     with pytest.raises(TypeError, match="floating"):
         argsort_stable(jnp.arange(4))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.int32])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_argmax_and_argmin_first_equal_jnp(dtype, axis):
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (7, 9, 5)).astype(dtype)  # many ties
+    if jnp.issubdtype(dtype, jnp.floating):
+        x[1, 2, :] = np.nan
+        x[2, :, 3] = np.nan
+        x[3, 4, 1] = np.nan
+        x[4, 1, :] = -np.inf
+        x[5, :, 0] = np.inf
+        x[6, 3, 2] = -0.0
+    for ours, ref in ((argmax_first, jnp.argmax), (argmin_first, jnp.argmin)):
+        got = jax.jit(ours, static_argnums=1)(jnp.asarray(x), axis)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, ref(jnp.asarray(x), axis=axis))
+    np.testing.assert_array_equal(jax.vmap(argmax_first)(jnp.asarray(x)),
+                                  jnp.argmax(jnp.asarray(x), axis=-1))
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 2, 6, 4)])
