@@ -271,12 +271,13 @@ def _arg_extreme(x: jax.Array, axis: int, extreme: Callable) -> jax.Array:
     hit = x == m
     if jnp.issubdtype(x.dtype, jnp.inexact):
         hit = hit | jnp.isnan(x)  # as argmax/argmin: a NaN row's first NaN
-    iota = lax.broadcasted_iota(jnp.int32, x.shape, axis)
-    return jnp.min(jnp.where(hit, iota, jnp.int32(x.shape[axis])), axis=axis)
+    itype = jax.dtypes.canonicalize_dtype(jnp.int64)  # argmax's: int64 only under x64
+    iota = lax.broadcasted_iota(itype, x.shape, axis)
+    return jnp.min(jnp.where(hit, iota, jnp.asarray(x.shape[axis], itype)), axis=axis)
 
 
 def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``jnp.argmax(x, axis)`` (int32; the first index among ties; a NaN counts as the
+    """``jnp.argmax(x, axis)`` (same dtype; the first index among ties; a NaN counts as the
     maximum) as a max and a masked min: two vectorized reductions.
 
     XLA:CPU lowers ``argmax``'s (value, index) variadic reduce to a scalar loop: 0.22 ms
