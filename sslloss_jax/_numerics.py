@@ -256,6 +256,35 @@ def sum_leading(x: jax.Array, keepdims: bool = False) -> jax.Array:
     return out[None] if keepdims else out
 
 
+def mean_leading(x: jax.Array) -> jax.Array:
+    """``jnp.mean(x, axis=0)`` as :func:`sum_leading` (pairwise; the gradient a broadcast)."""
+    return sum_leading(x) / x.shape[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_leading(x: jax.Array, n: int) -> jax.Array:
+    """``x`` repeated ``n`` times along a new leading axis, ``[n, *x.shape]``, whose
+    gradient is :func:`sum_leading` of the cotangent.
+
+    Broadcasting ``x[None]`` against ``[n, ...]`` (a mean over views subtracted from each
+    view) transposes to a sum over that leading axis, which XLA:CPU runs slowly once the
+    kept part has 32768 elements or more: 0.2 ms for 2 views of ``256×128`` and 0.7 ms
+    for 8, against 0.01–0.03 ms pairwise (jax 0.10, 2 cores).
+    """
+    return jnp.broadcast_to(x[None], (n, *x.shape))
+
+
+def _broadcast_leading_fwd(x, n):
+    return broadcast_leading(x, n), None
+
+
+def _broadcast_leading_bwd(n, _, g):
+    return (sum_leading(g),)
+
+
+broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
+
+
 def max_leading(x: jax.Array, keepdims: bool = False) -> jax.Array:
     """``jnp.max(x, axis=0)`` pairwise (see :func:`sum_leading`); for shifts under a
     stop-gradient (its gradient is not the max's subgradient convention)."""

@@ -58,23 +58,42 @@ def _gram_inner_bwd(res, g):
 _gram_inner.defvjp(_gram_inner_fwd, _gram_inner_bwd)
 
 
-@jax.custom_vjp
-def _gram_sq(a: jax.Array) -> jax.Array:
-    """``‖a aᵀ‖²_F = ‖aᵀ a‖²_F`` (a covariance's square sum); 2 matmuls with its VJP."""
-    return jnp.sum(jnp.square(a @ a.T))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gram_sq(a: jax.Array, feature: bool = False) -> jax.Array:
+    """``‖a aᵀ‖²_F = ‖aᵀ a‖²_F`` (a covariance's square sum) over the last two axes
+    (batched), from the N × N Gram or, with ``feature``, the D × D product; 2 matmuls with
+    its VJP (``4 (a aᵀ) a`` or ``4 a (aᵀ a)``), where autodiff differentiates both operands
+    of the product (3)."""
+    return _gram_sq_fwd(a, feature)[0]
 
 
-def _gram_sq_fwd(a):
-    ga = a @ a.T
-    return jnp.sum(jnp.square(ga)), (a, ga)
+def _gram_sq_fwd(a, feature):
+    g = jnp.swapaxes(a, -1, -2) @ a if feature else a @ jnp.swapaxes(a, -1, -2)
+    return jnp.sum(jnp.square(g), axis=(-2, -1)), (a, g)
 
 
-def _gram_sq_bwd(res, g):
-    a, ga = res
-    return ((4 * g) * (ga @ a),)
+def _gram_sq_bwd(feature, res, g):
+    a, gram = res
+    g4 = (4 * g)[..., None, None]
+    return (g4 * (a @ gram) if feature else g4 * (gram @ a),)
 
 
 _gram_sq.defvjp(_gram_sq_fwd, _gram_sq_bwd)
+
+
+def covariance_sq_sum(a: jax.Array, axis_name: AxisName, *,
+                      method: Literal["auto", "gram", "feature"] = "auto") -> jax.Array:
+    """``‖Σ_n a_nᵀ a_n‖²_F`` over the global batch, for ``a`` of shape ``[batch, D]``
+    (local rows), by the cheaper of the N × N and D × D forms (``method`` as in
+    :func:`correlation_stats`)."""
+    n_global = a.shape[-2] * coll.axis_size(axis_name)
+    gram = method == "gram" or (method == "auto" and n_global < a.shape[-1])
+    if axis_name is None:
+        return _gram_sq(a, not gram)
+    if gram:  # local rows against the gathered batch
+        ga = a @ coll.all_gather(a, axis_name).T
+        return coll.psum(jnp.sum(jnp.square(ga)), axis_name)
+    return jnp.sum(jnp.square(coll.psum(a.T @ a, axis_name)))
 
 
 def correlation_stats(

@@ -23,7 +23,15 @@ from jax.scipy.special import ndtri
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import argsort_stable, compute_dtype, l2_normalize, safe_sqrt, upcast
+from sslloss_jax._numerics import (
+    argsort_stable,
+    broadcast_leading,
+    compute_dtype,
+    l2_normalize,
+    mean_leading,
+    safe_sqrt,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["sigreg", "lejepa_loss", "lewm_loss", "VISRegTerms", "visreg_terms", "visreg_loss"]
@@ -183,9 +191,9 @@ def _sigreg_core(proj: jax.Array, a: jax.Array, knots: int, t_max: float,
 
 def _invariance(all_proj: jax.Array, global_proj: jax.Array, axis_name: AxisName):
     """LeJEPA's invariance: mean over (views, global batch, D) of (centroid − view)²."""
-    centers = jnp.mean(global_proj, axis=0, keepdims=True)
-    sq = jnp.sum(jnp.square(centers - all_proj))
     v, n, d = all_proj.shape
+    centers = broadcast_leading(mean_leading(global_proj), v)
+    sq = jnp.sum(jnp.square(centers - all_proj))
     return coll.global_mean(sq, v * n * d, axis_name)
 
 

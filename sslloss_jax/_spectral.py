@@ -22,8 +22,15 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import cosine_similarity, nuclear_norm, safe_sqrt, upcast
-from sslloss_jax._redundancy import correlation_stats
+from sslloss_jax._numerics import (
+    broadcast_leading,
+    cosine_similarity,
+    mean_leading,
+    nuclear_norm,
+    safe_sqrt,
+    upcast,
+)
+from sslloss_jax._redundancy import covariance_sq_sum
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -155,7 +162,7 @@ def emp_ssl_terms(
     if z.shape[0] == 0:
         raise ValueError("z_views must contain at least one view, got 0")
     (z,) = upcast(z)
-    cos = cosine_similarity(z, jnp.mean(z, axis=0, keepdims=True), axis=-1)  # (V, B)
+    cos = cosine_similarity(z, broadcast_leading(mean_leading(z), z.shape[0]), axis=-1)  # (V, B)
     invariance = -coll.global_mean(jnp.sum(cos), cos.size, axis_name)
     return EMPSSLTerms(_coding_rate(z, eps, axis_name, method), invariance)
 
@@ -266,14 +273,11 @@ def frossl_loss(
     col_sq = coll.psum(jnp.sum(jnp.square(z), axis=1, keepdims=True), axis_name)  # (V, 1, D)
     z = z / jnp.maximum(safe_sqrt(col_sq), 1e-12)  # torch F.normalize(dim=0)
 
-    def frobenius_and_trace(zv):
-        diag, off = correlation_stats(zv, None, 1.0, axis_name, method=method)
-        return off + jnp.sum(jnp.square(diag)), jnp.sum(diag)
-
-    frob_sq, trace = jax.vmap(frobenius_and_trace)(z)  # (V,), (V,)
+    frob_sq = jax.vmap(lambda zv: covariance_sq_sum(zv, axis_name, method=method))(z)  # (V,)
+    trace = coll.psum(jnp.sum(jnp.square(z), axis=(1, 2)), axis_name)  # (V,)
     eps = 1e-12
     reg = jnp.log(jnp.maximum(frob_sq, eps**2)) - 2.0 * jnp.log(
         jnp.maximum(lax.stop_gradient(trace), eps))
-    sq_dev = jnp.sum(jnp.square(z - jnp.mean(z, axis=0, keepdims=True)))
+    sq_dev = jnp.sum(jnp.square(z - broadcast_leading(mean_leading(z), v)))
     invariance = v * d * coll.global_mean(sq_dev, b * d, axis_name)
     return jnp.sum(reg) + w * invariance

@@ -13,8 +13,10 @@ from sslloss_jax._numerics import (
     argmax_first,
     argmin_first,
     argsort_stable,
+    broadcast_leading,
     cross_view_entropy,
     max_leading,
+    mean_leading,
     soft_cross_entropy,
     sum_leading,
     sym_gram,
@@ -118,6 +120,21 @@ def test_argmax_and_argmin_first_equal_jnp(dtype, axis):
         np.testing.assert_array_equal(got, ref(jnp.asarray(x), axis=axis))
     np.testing.assert_array_equal(jax.vmap(argmax_first)(jnp.asarray(x)),
                                   jnp.argmax(jnp.asarray(x), axis=-1))
+
+
+@pytest.mark.parametrize("n_views", [1, 2, 8])
+def test_view_mean_deviation_value_and_gradients(n_views):
+    """``z − mean_v z`` from :func:`mean_leading` and :func:`broadcast_leading` (whose
+    gradient is a pairwise sum) against plain broadcasting."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        z = jnp.asarray(rng.standard_normal((n_views, 6, 5)))
+        w = jnp.asarray(rng.standard_normal((n_views, 6, 5)))
+        assert_matches_reference(lambda z: z - broadcast_leading(mean_leading(z), n_views),
+                                 lambda z: z - jnp.mean(z, axis=0, keepdims=True), (z,), w)
+        scale = jnp.arange(1.0, 4.0)[:, None, None]
+        assert_matches_reference(lambda x: broadcast_leading(x, 3) * scale,
+                                 lambda x: x[None] * scale, (z[0],), w[:1].repeat(3, 0))
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 2, 6, 4)])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sslloss_jax as S
+from tests._harness import assert_matches_reference
 
 
 def _pair(shape, seed=0):
@@ -30,6 +31,21 @@ def test_gram_and_feature_paths_agree_with_gradients(name, shape):
         np.testing.assert_allclose(loss, vg[0][0], rtol=2e-5)
         for g, g0 in zip(grads, vg[0][1]):
             np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-5 * np.abs(g0).max())
+
+
+@pytest.mark.parametrize("feature", [False, True])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 5, 8)])
+def test_gram_sq_both_forms_value_and_gradients(shape, feature):
+    """The square sum of a covariance from either product, batched, with its 2-matmul VJP."""
+    from sslloss_jax._redundancy import _gram_sq
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        a = jnp.asarray(rng.standard_normal(shape))
+        w = jnp.asarray(rng.standard_normal(shape[:-2]))
+        assert_matches_reference(lambda a: _gram_sq(a, feature) / 100.0,
+                                 lambda a: jnp.sum(jnp.square(a @ jnp.swapaxes(a, -1, -2)),
+                                                   axis=(-2, -1)) / 100.0, (a,), w)
 
 
 def test_auto_picks_gram_when_batch_is_smaller_than_dim():
