@@ -99,6 +99,60 @@ def _whiten_centered(xc: jax.Array, cov: jax.Array, eps: jax.Array) -> jax.Array
     return jnp.einsum("...nd,...ed->...ne", xc, w, precision=_HIGHEST)
 
 
+def _whiten_batch(x: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Whitening by each group's own statistics: for ``x [..., n, D]`` returns ``(z, mean,
+    cov)`` with ``mean [..., 1, D]`` and the unbiased ``cov [..., D, D]`` (both
+    stop-gradient: they only feed the running statistics) and ``z = (x − mean) L⁻ᵀ``,
+    ``L Lᵀ = (1 − eps)·cov + eps·I``: :func:`_whiten_centered` of the group's statistics,
+    with a closed-form VJP.
+
+    With ``G = ∂/∂z``, ``W = L⁻¹`` and ``Φ`` the lower triangle with its diagonal halved
+    (the adjoint of the Cholesky factorization's JVP), the cotangent of the centered
+    inputs is ``[G + (1 − eps)/(n − 1) · z (Φ(−Gᵀz) + Φ(−Gᵀz)ᵀ)] W``, then centered
+    over the group's rows: two ``n·D²`` products and ``Gᵀz`` in place of autodiff's
+    triangular solves and Cholesky backward (W-MSE ``256×128``: about 2× faster).
+    """
+    z, mean, cov = _whiten_batch_core(x, eps)
+    return z, lax.stop_gradient(mean), lax.stop_gradient(cov)
+
+
+@jax.custom_vjp
+def _whiten_batch_core(x: jax.Array, eps: jax.Array):
+    return _whiten_batch_fwd(x, eps)[0]
+
+
+def _whiten_batch_fwd(x, eps):
+    n, d = x.shape[-2:]
+    mean = jnp.mean(x, axis=-2, keepdims=True)
+    xc = x - mean
+    cov = _cov(xc, n)
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=cov.dtype), cov.shape)
+    chol = jnp.linalg.cholesky((1 - eps) * cov + eps * eye)
+    w = solve_triangular(chol, eye, lower=True)  # against I: see _whiten_centered
+    z = jnp.einsum("...nd,...ed->...ne", xc, w, precision=_HIGHEST)
+    return (z, mean, cov), (z, w, cov, eps)
+
+
+def _whiten_batch_bwd(res, cts):
+    z, w, cov, eps = res
+    g = cts[0]  # mean and cov leave the wrapper stop-gradient: their cotangents are 0
+    n, d = z.shape[-2:]
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=cov.dtype), cov.shape)
+    phi = -jnp.einsum("...nd,...ne->...de", g, z, precision=_HIGHEST)  # −Gᵀz
+    phi = jnp.tril(phi) - 0.5 * eye * phi
+    sym = phi + jnp.swapaxes(phi, -1, -2)
+    inner = g + ((1 - eps) / (n - 1)) * jnp.matmul(z, sym, precision=_HIGHEST)
+    gx = jnp.matmul(inner, w, precision=_HIGHEST)
+    gx = gx - jnp.mean(gx, axis=-2, keepdims=True)
+    # eps: A = (1 − eps)·cov + eps·I, so ∂/∂eps = ⟨Wᵀ Φ W, I − cov⟩ (dropped unless used)
+    sig = jnp.swapaxes(w, -1, -2) @ phi @ w
+    g_eps = jnp.sum(sig * (eye - cov))
+    return gx, jnp.reshape(g_eps, jnp.shape(eps)).astype(jnp.result_type(eps))
+
+
+_whiten_batch_core.defvjp(_whiten_batch_fwd, _whiten_batch_bwd)
+
+
 def _ema(state: WMSEState, means: jax.Array, covs: jax.Array, momentum: jax.Array):
     """lightly's sequential update ``r ← m·s_k + (1 − m)·r`` over the stacked statistics
     ``means [K, D]``, ``covs [K, D, D]`` in order k = 0..K−1 (stop-gradient), in closed
@@ -181,10 +235,13 @@ def whiten(
         return z, state
     n = x.shape[0] * coll.axis_size(axis_name)
     val.check_min_batch(n, 2, "Whitening (unbiased covariance)", x.shape)
-    mean = coll.psum(jnp.sum(x, axis=0, keepdims=True), axis_name) / n
-    xc = x - mean
-    cov = coll.psum(jnp.einsum("nd,ne->de", xc, xc, precision=_HIGHEST), axis_name) / (n - 1)
-    z = _whiten_centered(xc, cov, e)
+    if axis_name is None:
+        z, mean, cov = _whiten_batch(x, e)
+    else:  # the global statistics: autodiff through the collectives
+        mean = coll.psum(jnp.sum(x, axis=0, keepdims=True), axis_name) / n
+        xc = x - mean
+        cov = coll.psum(jnp.einsum("nd,ne->de", xc, xc, precision=_HIGHEST), axis_name) / (n - 1)
+        z = _whiten_centered(xc, cov, e)
     if not (train and track_running_stats):
         return z, state
     return z, _ema(state, mean, cov[None], m)
@@ -393,10 +450,8 @@ def wmse_loss(
             xp = jnp.take(xg, perms, axis=1)  # [V, T, B, D] (rows in permuted order)
         t = xp.shape[1]
         xp = xp.reshape(v, t, groups, w_size, d)
-        mean = jnp.mean(xp, axis=-2, keepdims=True)
-        xc = xp - mean
-        cov = _cov(xc, w_size)  # [V, T, G, D, D]
-        z = _whiten_centered(xc, cov, e).reshape(v, t, b_global, d)
+        z, mean, cov = _whiten_batch(xp, e)  # cov: [V, T, G, D, D]
+        z = z.reshape(v, t, b_global, d)
         if train and track_running_stats:  # lightly's update order: (t, g, v)
             means = jnp.transpose(mean[..., 0, :], (1, 2, 0, 3)).reshape(-1, d)
             covs = jnp.transpose(cov, (1, 2, 0, 3, 4)).reshape(-1, d, d)
