@@ -26,7 +26,10 @@ __all__ = [
     "soft_cross_entropy",
     "cross_view_entropy",
     "sum_leading",
-    "max_leading",
+    "mean_leading",
+    "broadcast_leading",
+    "argmax_first",
+    "argmin_first",
     "offdiag_sq_sum",
     "cross_diag",
     "nuclear_norm",
@@ -283,15 +286,6 @@ def _broadcast_leading_bwd(n, _, g):
 
 
 broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
-
-
-def max_leading(x: jax.Array, keepdims: bool = False) -> jax.Array:
-    """``jnp.max(x, axis=0)`` pairwise (see :func:`sum_leading`); for shifts under a
-    stop-gradient (its gradient is not the max's subgradient convention)."""
-    if x.shape[0] == 0:
-        return jnp.max(x, axis=0, keepdims=keepdims)  # the same error as jnp.max
-    out = _pairwise(x, jnp.maximum)
-    return out[None] if keepdims else out
 
 
 def _arg_extreme(x: jax.Array, axis: int, extreme: Callable) -> jax.Array:
