@@ -133,7 +133,8 @@ def test_view_mean_deviation_value_and_gradients(n_views):
                                  lambda x: x[None] * scale, (z[0],), w[:1].repeat(3, 0))
 
 
-@pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 2, 6, 4)])
+# (300, 3) and (2, 260, 4): above _SYM_FUSED_MAX rows, the two-product VJP
+@pytest.mark.parametrize("shape", [(4, 3), (2, 5, 7), (3, 2, 6, 4), (300, 3), (2, 260, 4)])
 def test_sym_gram_value_and_gradients(shape):
     with jax.enable_x64(True):
         rng = np.random.default_rng(2)
