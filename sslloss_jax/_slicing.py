@@ -29,6 +29,7 @@ from sslloss_jax._numerics import (
     compute_dtype,
     l2_normalize,
     mean_leading,
+    permute_last,
     safe_sqrt,
     upcast,
 )
@@ -570,7 +571,7 @@ def visreg_terms(
     # permutation from integer-key sorts, the values gathered: the gradient of the sort).
     projections = jnp.einsum("vnd,ds->vsn", z_norm, a, precision=_HIGHEST)
     order = argsort_stable(lax.stop_gradient(projections))
-    projections = jnp.take_along_axis(projections, order, axis=-1)
+    projections = permute_last(projections, order)
     positions = np.arange(1, n_global + 1, dtype=np.float64) / (n_global + 1)
     quantiles = ndtri(jnp.asarray(positions, dtype)).reshape(1, 1, n_global)
     shape = jnp.mean(jnp.square(projections - quantiles))
