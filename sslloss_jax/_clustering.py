@@ -117,41 +117,59 @@ def _rounds(one_round, iterations: int, init):
     return init
 
 
-def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None):
+def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None, scale=None):
     """Sinkhorn of ``[..., batch, K]`` logits ``S/ε``, independently per leading index.
 
     ``mask``: optional ``[..., batch]`` valid rows. One branch decision (a scalar, the
     same on every device) covers all leading indices, so a stack of problems (SwaV's
     crops) is not turned into a ``select`` of both branches. ``rows``: return only the
     codes of the first ``rows`` rows (SwaV drops its queue's), which spares writing the
-    others.
+    others. ``logits`` may be a tuple of blocks along the batch axis and ``scale`` a
+    positive factor (``1/ε``): both are applied inside the branches, fused into their
+    first pass, so neither the concatenation nor the scaled logits are written out as
+    the ``cond``'s operand (SwaV with a 3840-row queue: 94 MiB each).
     """
-    log_r = log_r.reshape((1,) * (logits.ndim - 1) + log_r.shape)
-    n = (jnp.asarray(float(logits.shape[-2] * coll.axis_size(axis_name)), logits.dtype)
+    parts = logits if isinstance(logits, tuple) else (logits,)
+
+    def full(parts):
+        x = jnp.concatenate(parts, axis=-2) if len(parts) > 1 else parts[0]
+        return x if scale is None else x * scale
+
+    shape = parts[0].shape[:-2] + (sum(p.shape[-2] for p in parts), parts[0].shape[-1])
+    dtype = parts[0].dtype
+    log_r = log_r.reshape((1,) * (len(shape) - 1) + log_r.shape)
+    n = (jnp.asarray(float(shape[-2] * coll.axis_size(axis_name)), dtype)
          if mask is None else
-         coll.psum(jnp.sum(mask.astype(logits.dtype), axis=-1), axis_name)[..., None, None])
-    rows = logits.shape[-2] if rows is None else rows
+         coll.psum(jnp.sum(mask.astype(dtype), axis=-1), axis_name)[..., None, None])
+    rows = shape[-2] if rows is None else rows
     if not stable:
-        return _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name, rows)
-    cells = None if mask is None else jnp.broadcast_to(mask[..., None], logits.shape)
-    top, bottom = _global_range(logits, cells, axis_name)
-    fits = top - bottom <= _SHIFTED_RANGE.get(jnp.dtype(logits.dtype), 50.0)
+        return _sinkhorn_scaling(full(parts), log_r, n, mask, iterations, axis_name, rows)
+    cells = None if mask is None else jnp.broadcast_to(mask[..., None], shape)
+    top, bottom = _global_range(parts, cells, axis_name)
+    if scale is not None:
+        top, bottom = top * scale, bottom * scale
+    fits = top - bottom <= _SHIFTED_RANGE.get(jnp.dtype(dtype), 50.0)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     return lax.cond(
         fits,
-        lambda x: _sinkhorn_scaling(x - shift, log_r, n, mask, iterations, axis_name, rows),
-        lambda x: _sinkhorn_log(x, log_r, n, cells, iterations, axis_name, rows),
-        logits)
+        lambda p: _sinkhorn_scaling(full(p) - shift, log_r, n, mask, iterations, axis_name,
+                                    rows),
+        lambda p: _sinkhorn_log(full(p), log_r, n, cells, iterations, axis_name, rows),
+        parts)
 
 
-def _global_range(x: jax.Array, where: jax.Array | None, axis_name: AxisName):
-    """(max, min) of ``x`` over the ``where`` cells of every device, in one pass."""
-    lo, hi = jnp.asarray(-jnp.inf, x.dtype), jnp.asarray(jnp.inf, x.dtype)
-    operands = (x, x) if where is None else (jnp.where(where, x, lo), jnp.where(where, x, hi))
-    top, bottom = lax.reduce(operands, (lo, hi),
-                             lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
-                             tuple(range(x.ndim)))
-    top, neg_bottom = coll.pmax(jnp.stack([top, -bottom]), axis_name)
+def _global_range(parts: tuple, where: jax.Array | None, axis_name: AxisName):
+    """(max, min) over the ``where`` cells of every device of the blocks ``parts``
+    (concatenated along axis -2): per block a max and a min reduction."""
+    lo, hi = jnp.asarray(-jnp.inf, parts[0].dtype), jnp.asarray(jnp.inf, parts[0].dtype)
+    tops, bottoms, start = [], [], 0
+    for x in parts:
+        cells = None if where is None else where[..., start:start + x.shape[-2], :]
+        start += x.shape[-2]
+        tops.append(jnp.max(x if cells is None else jnp.where(cells, x, lo)))
+        bottoms.append(jnp.min(x if cells is None else jnp.where(cells, x, hi)))
+    top, neg_bottom = coll.pmax(jnp.stack([jnp.max(jnp.stack(tops)),
+                                           -jnp.min(jnp.stack(bottoms))]), axis_name)
     return top, -neg_bottom
 
 
@@ -317,19 +335,19 @@ def swav_loss(
                 f"the queue size {queue.shape[1]} must be a multiple of the axis size {w}")
         qs = queue.shape[1] // w
         queue = lax.dynamic_slice_in_dim(queue, coll.axis_index(axis_name) * qs, qs, axis=1)
-        codes_in = jnp.concatenate([codes_in, lax.stop_gradient(queue).astype(codes_in.dtype)],
-                                   axis=1)
-        valid = jnp.ones((b + qs,), bool)
-        if queue_valid is not None:
+        codes_in = (codes_in, lax.stop_gradient(queue).astype(codes_in.dtype))
+        if queue_valid is not None:  # without it every row is valid: no mask at all
             qv = jnp.asarray(queue_valid, bool)
             if qv.ndim == 1:
                 qv = lax.dynamic_slice_in_dim(qv, coll.axis_index(axis_name) * qs, qs)
-            valid = valid.at[b:].set(jnp.broadcast_to(qv, (qs,)))
+            valid = jnp.ones((b + qs,), bool).at[b:].set(jnp.broadcast_to(qv, (qs,)))
     val.check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon", positive=True)
     val.check_int(sinkhorn_iterations, "sinkhorn_iterations", 0)
-    codes = _sinkhorn(codes_in / sinkhorn_epsilon, jnp.zeros((k,), codes_in.dtype),
-                      None if valid is None else jnp.broadcast_to(valid, codes_in.shape[:2]),
-                      sinkhorn_iterations, stable_sinkhorn, axis_name, rows=b)  # (V_h, B, K)
+    eps = jnp.asarray(sinkhorn_epsilon, high32.dtype)
+    codes = _sinkhorn(codes_in, jnp.zeros((k,), high32.dtype),
+                      None if valid is None else jnp.broadcast_to(valid, (vh, valid.shape[0])),
+                      sinkhorn_iterations, stable_sinkhorn, axis_name, rows=b,
+                      scale=1 / eps)  # (V_h, B, K)
     cross = cross_view_entropy(crops32 / temperature, codes)  # (V, B)
     return coll.global_mean(jnp.sum(cross), b * (n_crops - 1) * vh, axis_name)
 

@@ -222,3 +222,23 @@ def test_capi_lightly_values_teacher_detached_and_errors():
         S.capi_loss(t, s[:, :3])
     with pytest.raises(TypeError, match="teacher_index must be integer"):
         S.capi_loss(t, s[:, :3], idx.astype(np.float32))
+
+
+@pytest.mark.parametrize("scale", [0.1, 40.0], ids=["scaling_path", "log_domain_path"])
+@pytest.mark.parametrize("partial", [False, True])
+def test_swav_queue_blocks_equal_sinkhorn_of_the_concatenation(scale, partial):
+    """The queue enters the Sinkhorn as a second block of rows (never concatenated
+    outside its branches); with or without invalid queue rows, on both Sinkhorn paths
+    (float32), the loss is that of the codes of the concatenated scores."""
+    h = [jnp.asarray(_r(20 + i, (6, 5)) * scale, jnp.float32) for i in range(2)]
+    low = [jnp.asarray(_r(22, (6, 5)) * scale, jnp.float32)]
+    q = [jnp.asarray(_r(23 + i, (4, 5)) * scale, jnp.float32) for i in range(2)]
+    valid_q = np.array([True, False, True, True]) if partial else np.ones(4, bool)
+    got = S.swav_loss(h, low, q, queue_valid=jnp.asarray(valid_q) if partial else None)
+    valid = np.concatenate([np.ones(6, bool), valid_q])
+    codes = [S.sinkhorn(jnp.concatenate([hv, qv]), valid=jnp.asarray(valid))[:6]
+             for hv, qv in zip(h, q)]
+    ce = lambda z, c: -jnp.mean(jnp.sum(c * jax.nn.log_softmax(z / 0.1, axis=1), 1))  # noqa: E731
+    want = (ce(h[1], codes[0]) + ce(low[0], codes[0]) + ce(h[0], codes[1])
+            + ce(low[0], codes[1])) / 4
+    np.testing.assert_allclose(got, want, rtol=2e-5)
