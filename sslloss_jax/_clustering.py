@@ -322,7 +322,7 @@ def swav_loss(
     if n_crops < 2:
         raise ValueError(f"swav_loss needs at least two crops in total, got {n_crops}")
     high32, crops32 = upcast(high, crops)
-    codes_in = lax.stop_gradient(high32)
+    codes_in: jax.Array | tuple[jax.Array, ...] = lax.stop_gradient(high32)
     valid = None
     if queue_outputs is not None:
         queue = val.stack_views(queue_outputs, "queue_outputs")
