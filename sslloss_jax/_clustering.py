@@ -322,7 +322,8 @@ def swav_loss(
     if n_crops < 2:
         raise ValueError(f"swav_loss needs at least two crops in total, got {n_crops}")
     high32, crops32 = upcast(high, crops)
-    codes_in: jax.Array | tuple[jax.Array, ...] = lax.stop_gradient(high32)
+    codes_high = lax.stop_gradient(high32)
+    codes_in: jax.Array | tuple[jax.Array, ...] = codes_high
     valid = None
     if queue_outputs is not None:
         queue = val.stack_views(queue_outputs, "queue_outputs")
@@ -335,7 +336,7 @@ def swav_loss(
                 f"the queue size {queue.shape[1]} must be a multiple of the axis size {w}")
         qs = queue.shape[1] // w
         queue = lax.dynamic_slice_in_dim(queue, coll.axis_index(axis_name) * qs, qs, axis=1)
-        codes_in = (codes_in, lax.stop_gradient(queue).astype(codes_in.dtype))
+        codes_in = (codes_high, lax.stop_gradient(queue).astype(codes_high.dtype))
         if queue_valid is not None:  # without it every row is valid: no mask at all
             qv = jnp.asarray(queue_valid, bool)
             if qv.ndim == 1:
