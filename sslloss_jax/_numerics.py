@@ -36,6 +36,7 @@ __all__ = [
     "argsort_stable",
     "permute_last",
     "sym_gram",
+    "matmul_nt",
 ]
 
 
@@ -339,6 +340,27 @@ def nuclear_norm(x: jax.Array) -> jax.Array:
     """
     (x,) = upcast(x)
     return jnp.sum(jnp.linalg.svd(x, compute_uv=False), axis=-1)
+
+
+@jax.custom_vjp
+def matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ bᵀ`` for ``a [M, D]``, ``b [N, D]`` whose VJP forms ``b``'s cotangent as
+    ``(aᵀ g)ᵀ``: the product in the ``[D, N]`` layout, then a ``D × N`` transpose (an
+    ``optimization_barrier`` keeps XLA from folding it back into a ``gᵀ a`` dot, which
+    XLA:CPU runs about 2× slower than a plain one at 2048 × 2048 × 128)."""
+    return a @ b.T
+
+
+def _matmul_nt_fwd(a, b):
+    return matmul_nt(a, b), (a, b)
+
+
+def _matmul_nt_bwd(res, g):
+    a, b = res
+    return g @ b, lax.optimization_barrier(a.T @ g).T
+
+
+matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
 
 
 #: Largest ``M`` for which :func:`sym_gram`'s VJP symmetrizes ``g`` in one fused pass.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import l2_normalize, masked_logsumexp, upcast
+from sslloss_jax._numerics import l2_normalize, masked_logsumexp, matmul_nt, upcast
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["detcon_b_loss", "detcon_s_loss"]
@@ -52,7 +52,7 @@ def _direction(p_x, t_y, t_y_all, t_x_all, mask_x, mask_y, temperature, axis_nam
     excluded = own[:, None, :, None] & same_xx[:, :, None, :]  # (B, M, N, M)
     valid = jnp.concatenate([jnp.ones_like(excluded), ~excluded], axis=2)  # (B, M, 2N, M)
     candidates = jnp.concatenate([t_y_all, t_x_all]).reshape(-1, p_x.shape[-1])
-    logits = p_x.reshape(b * m, -1) @ candidates.T / temperature  # (B·M, 2N·M)
+    logits = matmul_nt(p_x.reshape(b * m, -1), candidates) / temperature  # (B·M, 2N·M)
     lse = masked_logsumexp(logits, valid.reshape(b * m, -1), axis=-1).reshape(b, m)
     own_xy = jnp.einsum("bid,bjd->bij", p_x, t_y) / temperature  # (B, M, M)
     n_pos = jnp.sum(same_xy, axis=2).astype(lse.dtype)

@@ -15,6 +15,7 @@ from sslloss_jax._numerics import (
     argsort_stable,
     broadcast_leading,
     cross_view_entropy,
+    matmul_nt,
     mean_leading,
     permute_last,
     soft_cross_entropy,
@@ -147,6 +148,14 @@ def test_view_mean_deviation_value_and_gradients(n_views):
         scale = jnp.arange(1.0, 4.0)[:, None, None]
         assert_matches_reference(lambda x: broadcast_leading(x, 3) * scale,
                                  lambda x: x[None] * scale, (z[0],), w[:1].repeat(3, 0))
+
+
+def test_matmul_nt_value_and_gradients():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        a, b = (jnp.asarray(rng.standard_normal(s)) for s in ((5, 3), (7, 3)))
+        w = jnp.asarray(rng.standard_normal((5, 7)))
+        assert_matches_reference(matmul_nt, lambda a, b: a @ b.T, (a, b), w)
 
 
 # (300, 3) and (2, 260, 4): above _SYM_FUSED_MAX rows, the two-product VJP
