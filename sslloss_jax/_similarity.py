@@ -18,6 +18,7 @@ from sslloss_jax._numerics import (
     l2_normalize,
     masked_logsumexp,
     safe_norm,
+    sym_gram,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -169,7 +170,8 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
     keys = coll.all_gather(x, axis_name)
     sq_local = jnp.sum(jnp.square(x), axis=1)
     sq_keys = coll.all_gather(sq_local, axis_name)
-    d2 = jnp.maximum(sq_local[:, None] + sq_keys[None, :] - 2.0 * (x @ keys.T), 0.0)
+    gram = sym_gram(x) if axis_name is None else x @ keys.T  # sym_gram: a 1-product VJP
+    d2 = jnp.maximum(sq_local[:, None] + sq_keys[None, :] - 2.0 * gram, 0.0)
     self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
     not_self = jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
     lse = masked_logsumexp(-t_arr * d2, not_self, axis=1)
