@@ -17,6 +17,7 @@ from sslloss_jax._numerics import (
     cross_view_entropy,
     l2_normalize,
     masked_logsumexp,
+    matmul_nt,
     soft_cross_entropy,
     sum_leading,
     upcast,
@@ -382,14 +383,14 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
             f"got shape {anchors.shape}")
     a, t, p = (l2_normalize(x) for x in (anchors, targets, prototypes))
     a, t, p = upcast(a, t, p)
-    anchor_logp = jax.nn.log_softmax((a @ p.T) / temperature, axis=1)
+    anchor_logp = jax.nn.log_softmax(matmul_nt(a, p) / temperature, axis=1)
     target_logp = jax.nn.log_softmax(
         lax.stop_gradient(t @ p.T) / (temperature * target_sharpen_temperature), axis=1)
     codes = (sinkhorn(target_logp, iterations=sinkhorn_iterations, epsilon=1.0,
                       axis_name=axis_name) if sinkhorn_iterations else jnp.exp(target_logp))
-    codes = jnp.tile(lax.stop_gradient(codes), (anchors.shape[0] // b, 1))
-    n = anchors.shape[0]
-    ce = coll.global_mean(-jnp.sum(codes * anchor_logp), n, axis_name)
+    n = anchors.shape[0]  # view-major: Σ_v codes·logp_v = codes·Σ_v logp_v, no tiling
+    logp_sum = sum_leading(anchor_logp.reshape(n // b, b, -1))
+    ce = coll.global_mean(-jnp.sum(lax.stop_gradient(codes) * logp_sum), n, axis_name)
     mean_probs = coll.global_mean(sum_leading(jnp.exp(anchor_logp)), n, axis_name)
     return ce, anchor_logp, mean_probs
 
