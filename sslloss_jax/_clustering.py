@@ -383,7 +383,10 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
             f"got shape {anchors.shape}")
     a, t, p = (l2_normalize(x) for x in (anchors, targets, prototypes))
     a, t, p = upcast(a, t, p)
-    anchor_logp = jax.nn.log_softmax(matmul_nt(a, p) / temperature, axis=1)
+    # matmul_nt's VJP only on one device: under shard_map the replicated prototypes'
+    # cotangent must go through autodiff's transpose of the implicit broadcast
+    logits = matmul_nt(a, p) if axis_name is None else a @ p.T
+    anchor_logp = jax.nn.log_softmax(logits / temperature, axis=1)
     target_logp = jax.nn.log_softmax(
         lax.stop_gradient(t @ p.T) / (temperature * target_sharpen_temperature), axis=1)
     codes = (sinkhorn(target_logp, iterations=sinkhorn_iterations, epsilon=1.0,

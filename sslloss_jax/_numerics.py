@@ -347,7 +347,9 @@ def matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ bᵀ`` for ``a [M, D]``, ``b [N, D]`` whose VJP forms ``b``'s cotangent as
     ``(aᵀ g)ᵀ``: the product in the ``[D, N]`` layout, then a ``D × N`` transpose (an
     ``optimization_barrier`` keeps XLA from folding it back into a ``gᵀ a`` dot, which
-    XLA:CPU runs about 2× slower than a plain one at 2048 × 2048 × 128)."""
+    XLA:CPU runs about 2× slower than a plain one at 2048 × 2048 × 128). Not for a
+    replicated ``b`` against device-varying ``a`` inside ``shard_map`` (its cotangent
+    must be reduced as autodiff's transpose does)."""
     return a @ b.T
 
 
