@@ -37,9 +37,9 @@ def _int_array(x: ArrayLike, name: str, shape: tuple[int, ...]) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- PaKa
-def _centered_kernel(z: jax.Array, w: jax.Array) -> jax.Array:
+def _centered_kernel(z: jax.Array, w: jax.Array | None) -> jax.Array:
     """Mask-aware ``H (Z Zᵀ) H`` (lightly's ``_double_center`` of the linear kernel):
-    ``z [B, M, D]``, ``w [B, M]`` in {0, 1}.
+    ``z [B, M, D]``, ``w [B, M]`` in {0, 1} (``None``: every token valid).
 
     Double-centering a linear kernel is the kernel of the centered tokens,
     ``(z_i − μ)·(z_j − μ)`` with ``μ`` the mean of the valid tokens, masked by
@@ -47,6 +47,8 @@ def _centered_kernel(z: jax.Array, w: jax.Array) -> jax.Array:
     columns and total being subtracted (four passes over ``B·M²`` and their backward);
     :func:`sym_gram`'s backward is one batched product.
     """
+    if w is None:  # every token valid
+        return sym_gram(z - jnp.mean(z, axis=1, keepdims=True))
     n = jnp.maximum(jnp.sum(w, axis=-1), 1.0)  # [B]
     mean = jnp.einsum("bm,bmd->bd", w, z, precision=_HIGHEST) / n[:, None]
     zc = (z - mean[:, None, :]) * w[:, :, None]
@@ -155,7 +157,7 @@ def patch_kernel_alignment_loss(
         teacher = jnp.take_along_axis(teacher, idx[..., None], axis=1)
         valid = jnp.take_along_axis(valid, idx, axis=1)
 
-    w = valid.astype(dtype)
+    w = None if mask is None else valid.astype(dtype)  # no mask: every (kept) token valid
     k_s, k_t = _centered_kernel(student, w), _centered_kernel(teacher, w)
     hsic_st = jnp.sum(k_s * k_t, axis=(1, 2))
     hsic_ss = jnp.sum(k_s * k_s, axis=(1, 2))
