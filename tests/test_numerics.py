@@ -25,9 +25,16 @@ from sslloss_jax._numerics import (
 from tests._harness import assert_matches_reference
 
 
+@pytest.fixture(params=["pairwise", "plain"])
+def sum_path(request, monkeypatch):
+    """sum_leading's two paths: pairwise from _PAIRWISE_MIN kept elements, plain below."""
+    monkeypatch.setattr(_numerics, "_PAIRWISE_MIN", 0 if request.param == "pairwise" else 2**40)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (2, 5), (7, 4, 3), (64, 6), (65, 2, 2)])
 @pytest.mark.parametrize("keepdims", [False, True])
-def test_pairwise_reductions_equal_jnp(shape, keepdims):
+def test_pairwise_reductions_equal_jnp(shape, keepdims, sum_path):
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     np.testing.assert_allclose(sum_leading(x, keepdims), jnp.sum(x, 0, keepdims=keepdims),
                                rtol=1e-5, atol=1e-5)
@@ -35,12 +42,12 @@ def test_pairwise_reductions_equal_jnp(shape, keepdims):
         jnp.sum(x, 0, keepdims=keepdims).shape)
 
 
-def test_empty_leading_axis():
+def test_empty_leading_axis(sum_path):
     assert sum_leading(jnp.zeros((0, 3))).shape == (3,)
     np.testing.assert_array_equal(sum_leading(jnp.zeros((0, 3))), 0.0)
 
 
-def test_sum_leading_gradient_is_a_broadcast():
+def test_sum_leading_gradient_is_a_broadcast(sum_path):
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 3)))
         w = jnp.arange(3.0)
