@@ -9,6 +9,8 @@ subtracts 1e9, which overflows float16).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -62,6 +64,64 @@ def _direction(p_x, t_y, t_y_all, t_x_all, mask_x, mask_y, temperature, axis_nam
     obj_area = jnp.sum(same_xx, axis=2).astype(lse.dtype)  # >= 1 (the region itself)
     weight = (n_pos > 1e-3).astype(lse.dtype) / jnp.maximum(obj_area, 1e-8)
     return jnp.sum(-weight * log_lik)
+
+
+def _region_candidates(ids: jax.Array, regions: int) -> jax.Array:
+    """``[R, R]`` candidates of the stacked rows ``[view0; view1]`` (``R = 2·B·M``): every
+    row except those of the same (view, image) block with the same region id."""
+    group = jnp.arange(ids.shape[0], dtype=jnp.int32) // regions
+    return ~((group[:, None] == group[None, :]) & (ids[:, None] == ids[None, :]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _sym_region_lse(x: jax.Array, temperature: jax.Array, ids: jax.Array,
+                    regions: int) -> jax.Array:
+    """Row logsumexps of ``x xᵀ/τ`` over :func:`_region_candidates`, for DetCon-S on one
+    device (``x = [v0; v1]`` flattened to rows). Both directions of the loss are rows of
+    this one symmetric matrix (view 0's candidates: all of view 1 and view 0 minus the
+    same-id regions of its image; and vice versa), and its candidates are symmetric, so
+    the VJP symmetrizes the cotangent elementwise, ``(dL)ᵀ_ij = g_j e^{L_ij − lse_j}``,
+    and needs one product, ``(dL + dLᵀ) x / τ``: two matmuls of ``R²·D`` in all, where
+    the two ``[B·M, R]`` directions take three."""
+    return _sym_region_lse_fwd(x, temperature, ids, regions)[0]
+
+
+def _sym_region_lse_fwd(x, temperature, ids, regions):
+    logits = (x @ x.T) / temperature
+    lse = masked_logsumexp(logits, _region_candidates(ids, regions), axis=1)
+    return lse, (x, temperature, ids, logits, lse)
+
+
+def _sym_region_lse_bwd(regions, res, g):
+    x, temperature, ids, logits, lse = res
+    sym = jnp.where(_region_candidates(ids, regions),
+                    g[:, None] * jnp.exp(logits - lse[:, None])
+                    + g[None, :] * jnp.exp(logits - lse[None, :]), 0.0)
+    dx = (sym @ x) / temperature
+    dt = -0.5 * jnp.sum(sym * logits) / temperature
+    return dx, dt.astype(temperature.dtype), None
+
+
+_sym_region_lse.defvjp(_sym_region_lse_fwd, _sym_region_lse_bwd)
+
+
+def _detcon_s_single(v0, v1, m0, m1, temperature) -> jax.Array:
+    """DetCon-S on one device: :func:`_detcon` with ``pred = target``, both directions
+    from :func:`_sym_region_lse` (the same value and gradients)."""
+    v0, v1 = upcast(v0, v1)
+    b, m, d = v0.shape
+    xv = jnp.stack([l2_normalize(v0), l2_normalize(v1)])  # [2, B, M, D]
+    t = jnp.asarray(temperature, xv.dtype)
+    ids = jnp.stack([m0, m1])  # [2, B, M]
+    lse = _sym_region_lse(xv.reshape(2 * b * m, d), t, ids.reshape(-1).astype(jnp.int32), m)
+    own = jnp.einsum("vbid,vbjd->vbij", xv, xv[::-1]) / t  # each view against the other's
+    same = ids[:, :, :, None] == ids[::-1][:, :, None, :]  # positives: same image and id
+    n_pos = jnp.sum(same, axis=-1).astype(lse.dtype).reshape(-1)
+    pos_sum = jnp.sum(jnp.where(same, own, 0.0), axis=-1).reshape(-1)
+    log_lik = (pos_sum - n_pos * lse) / jnp.maximum(n_pos, 1.0)
+    area = jnp.sum(ids[:, :, :, None] == ids[:, :, None, :], axis=-1).astype(lse.dtype)
+    weight = (n_pos > 1e-3).astype(lse.dtype) / jnp.maximum(area.reshape(-1), 1e-8)
+    return jnp.sum(-weight * log_lik) / (b * m)
 
 
 def _detcon(p0, p1, t0, t1, m0, m1, temperature, axis_name) -> jax.Array:
@@ -169,4 +229,6 @@ def detcon_s_loss(
     v0, v1 = _check_views({"view0": view0, "view1": view1})
     m0 = _check_mask(mask_view0, "mask_view0", v0, "view0")
     m1 = _check_mask(mask_view1, "mask_view1", v0, "view0")
+    if axis_name is None:
+        return _detcon_s_single(v0, v1, m0, m1, temperature)
     return _detcon(v0, v1, v0, v1, m0, m1, temperature, axis_name)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import sslloss_jax as S
 from sslloss_jax._registry import get
@@ -293,3 +294,30 @@ def test_frossl_zero_view_is_finite():
         np.zeros_like(X0), X1)
     assert np.isfinite(loss)
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+@pytest.mark.parametrize("temperature", [0.1, -0.3])
+def test_detcon_s_symmetric_path_equals_both_directions(temperature):
+    """DetCon-S on one device (one symmetric logits matrix, custom VJP) against the two
+    directions of DetCon-B with pred = target: value and gradients in the views and in τ
+    (float64; repeated region ids, several regions per id)."""
+    from sslloss_jax import _region
+
+    rng = np.random.default_rng(13)
+    with jax.enable_x64(True):
+        v0, v1 = (jnp.asarray(rng.standard_normal((3, 5, 4))) for _ in range(2))
+        m0, m1 = (jnp.asarray(rng.integers(0, 3, (3, 5))) for _ in range(2))
+
+        def ours(v0, v1, t):
+            return _region._detcon_s_single(v0, v1, m0, m1, t)
+
+        def reference(v0, v1, t):
+            return _region._detcon(v0, v1, v0, v1, m0, m1, t, None)
+
+        t = jnp.asarray(temperature)
+        np.testing.assert_allclose(ours(v0, v1, t), reference(v0, v1, t), rtol=1e-12)
+        got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(v0, v1, t)
+        want = jax.grad(reference, argnums=(0, 1, 2))(v0, v1, t)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        check_grads(ours, (v0, v1, t), order=1, modes=["rev"])
