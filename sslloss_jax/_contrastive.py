@@ -549,8 +549,11 @@ def macl_loss(
     keys = jnp.concatenate([coll.all_gather(x0, axis_name), coll.all_gather(x1, axis_name)])
     rows = jnp.arange(2 * b, dtype=jnp.int32)
     sample = coll.axis_index(axis_name) * b + rows % b
-    lse = masked_logsumexp((anchors @ keys.T) / t, _candidates(rows, rows // b, sample, n, False),
-                           axis=1)
+    if axis_name is None:  # anchors = keys: the symmetric one-product VJP
+        lse = _self_lse(anchors, t, False)
+    else:
+        lse = masked_logsumexp((anchors @ keys.T) / t,
+                               _candidates(rows, rows // b, sample, n, False), axis=1)
     log_p = jnp.concatenate([pos, pos]) / t - lse
     weight = lax.stop_gradient(1.0 / (1.0 - jnp.exp(log_p) + 1e-8))
     return coll.global_mean(jnp.sum(-weight * log_p), 2 * b, axis_name)
