@@ -3,7 +3,6 @@ SupCon (multi-positive SimCLR) and MoCo v3."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -15,7 +14,13 @@ from sslloss_jax import _collectives as coll
 from sslloss_jax import _tiled as tiled
 from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, check_memory_bank, memory_bank_enqueue
-from sslloss_jax._numerics import argmax_first, l2_normalize, masked_logsumexp, upcast
+from sslloss_jax._numerics import (
+    argmax_first,
+    l2_normalize,
+    masked_logsumexp,
+    symmetric_lse,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -64,36 +69,12 @@ def _self_candidates(n: int, exclude_positive: bool) -> jax.Array:
     return _candidates(rows, rows // n, rows % n, n, exclude_positive)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _self_lse(z: jax.Array, temperature: jax.Array, exclude_positive: bool) -> jax.Array:
-    """Row logsumexps of ``z zᵀ/τ`` over the candidates, for anchors = keys = ``z``.
-
-    ``z`` is ``[z0; z1]`` (2N, D) on one device. The logits are symmetric, so the custom
-    VJP needs one matmul, ``dz = (dL + dLᵀ) z / τ``, where autodiff would do two
-    (2 instead of 3 matmuls of (2N)²·D in all). Also differentiable in τ.
-    """
-    return _self_lse_fwd(z, temperature, exclude_positive)[0]
-
-
-def _self_lse_fwd(z, temperature, exclude_positive):
-    logits = (z @ z.T) / temperature
-    lse = masked_logsumexp(logits, _self_candidates(z.shape[0] // 2, exclude_positive), axis=1)
-    return lse, (z, temperature, logits, lse)
-
-
-def _self_lse_bwd(exclude_positive, res, g):
-    z, temperature, logits, lse = res
-    mask = _self_candidates(z.shape[0] // 2, exclude_positive)
-    # dL + dLᵀ without a transpose: the logits and the mask are symmetric, so
-    # (dL)ᵀ_ij = g_j exp(L_ij − lse_j); both exponents are <= 0 on candidates.
-    sym = jnp.where(mask, g[:, None] * jnp.exp(logits - lse[:, None])
-                    + g[None, :] * jnp.exp(logits - lse[None, :]), 0.0)
-    dz = (sym @ z) / temperature
-    dt = -0.5 * jnp.sum(sym * logits) / temperature
-    return dz, dt.astype(temperature.dtype)
-
-
-_self_lse.defvjp(_self_lse_fwd, _self_lse_bwd)
+    """Row logsumexps of ``z zᵀ/τ`` over the candidates, for anchors = keys = ``z``
+    (``[z0; z1]``, 2N × D, on one device): :func:`symmetric_lse`, whose VJP needs one
+    matmul (2 instead of 3 matmuls of (2N)²·D in all). Also differentiable in τ."""
+    n = z.shape[0] // 2
+    return symmetric_lse(z, temperature, lambda _: _self_candidates(n, exclude_positive))
 
 
 def _two_view_contrastive(

@@ -24,6 +24,7 @@ __all__ = [
     "l2_normalize",
     "cosine_similarity",
     "masked_logsumexp",
+    "symmetric_lse",
     "soft_cross_entropy",
     "cross_view_entropy",
     "sum_leading",
@@ -99,6 +100,40 @@ def masked_logsumexp(
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     s = jnp.sum(jnp.where(where, jnp.exp(safe - m), 0.0), axis=axis)
     return jnp.log(s) + jnp.squeeze(m, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def symmetric_lse(z: jax.Array, temperature: jax.Array,
+                  candidates: Callable[[object], jax.Array], operand: object = None) -> jax.Array:
+    """Row logsumexps of ``z zᵀ/τ`` over the boolean ``[R, R]`` mask
+    ``candidates(operand)``, which must be symmetric (``z [R, D]``; ``operand`` a pytree
+    of arrays the mask is built from, no gradient).
+
+    The logits and the mask are symmetric, so the VJP forms ``dL + dLᵀ`` elementwise,
+    ``(dL)ᵀ_ij = g_j e^{L_ij − lse_j}`` (both exponents <= 0 on candidates), and needs one
+    product, ``dz = (dL + dLᵀ) z / τ``: two matmuls of ``R²·D`` for forward and backward
+    where autodiff does three. Also differentiable in τ. (The contrastive losses' and
+    DetCon-S's single-device logits.)
+    """
+    return _symmetric_lse_fwd(z, temperature, candidates, operand)[0]
+
+
+def _symmetric_lse_fwd(z, temperature, candidates, operand):
+    logits = (z @ z.T) / temperature
+    lse = masked_logsumexp(logits, candidates(operand), axis=1)
+    return lse, (z, temperature, operand, logits, lse)
+
+
+def _symmetric_lse_bwd(candidates, res, g):
+    z, temperature, operand, logits, lse = res
+    sym = jnp.where(candidates(operand), g[:, None] * jnp.exp(logits - lse[:, None])
+                    + g[None, :] * jnp.exp(logits - lse[None, :]), 0.0)
+    dz = (sym @ z) / temperature
+    dt = -0.5 * jnp.sum(sym * logits) / temperature
+    return dz, dt.astype(temperature.dtype), None
+
+
+symmetric_lse.defvjp(_symmetric_lse_fwd, _symmetric_lse_bwd)
 
 
 #: Largest ``logits`` (bytes) for which :func:`soft_cross_entropy` and

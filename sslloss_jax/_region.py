@@ -16,7 +16,13 @@ import jax.numpy as jnp
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import l2_normalize, masked_logsumexp, matmul_nt, upcast
+from sslloss_jax._numerics import (
+    l2_normalize,
+    masked_logsumexp,
+    matmul_nt,
+    symmetric_lse,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["detcon_b_loss", "detcon_s_loss"]
@@ -73,47 +79,20 @@ def _region_candidates(ids: jax.Array, regions: int) -> jax.Array:
     return ~((group[:, None] == group[None, :]) & (ids[:, None] == ids[None, :]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _sym_region_lse(x: jax.Array, temperature: jax.Array, ids: jax.Array,
-                    regions: int) -> jax.Array:
-    """Row logsumexps of ``x xᵀ/τ`` over :func:`_region_candidates`, for DetCon-S on one
-    device (``x = [v0; v1]`` flattened to rows). Both directions of the loss are rows of
-    this one symmetric matrix (view 0's candidates: all of view 1 and view 0 minus the
-    same-id regions of its image; and vice versa), and its candidates are symmetric, so
-    the VJP symmetrizes the cotangent elementwise, ``(dL)ᵀ_ij = g_j e^{L_ij − lse_j}``,
-    and needs one product, ``(dL + dLᵀ) x / τ``: two matmuls of ``R²·D`` in all, where
-    the two ``[B·M, R]`` directions take three."""
-    return _sym_region_lse_fwd(x, temperature, ids, regions)[0]
-
-
-def _sym_region_lse_fwd(x, temperature, ids, regions):
-    logits = (x @ x.T) / temperature
-    lse = masked_logsumexp(logits, _region_candidates(ids, regions), axis=1)
-    return lse, (x, temperature, ids, logits, lse)
-
-
-def _sym_region_lse_bwd(regions, res, g):
-    x, temperature, ids, logits, lse = res
-    sym = jnp.where(_region_candidates(ids, regions),
-                    g[:, None] * jnp.exp(logits - lse[:, None])
-                    + g[None, :] * jnp.exp(logits - lse[None, :]), 0.0)
-    dx = (sym @ x) / temperature
-    dt = -0.5 * jnp.sum(sym * logits) / temperature
-    return dx, dt.astype(temperature.dtype), None
-
-
-_sym_region_lse.defvjp(_sym_region_lse_fwd, _sym_region_lse_bwd)
-
-
 def _detcon_s_single(v0, v1, m0, m1, temperature) -> jax.Array:
     """DetCon-S on one device: :func:`_detcon` with ``pred = target``, both directions
-    from :func:`_sym_region_lse` (the same value and gradients)."""
+    from one :func:`symmetric_lse` (the same value and gradients)."""
     v0, v1 = upcast(v0, v1)
     b, m, d = v0.shape
     xv = jnp.stack([l2_normalize(v0), l2_normalize(v1)])  # [2, B, M, D]
     t = jnp.asarray(temperature, xv.dtype)
     ids = jnp.stack([m0, m1])  # [2, B, M]
-    lse = _sym_region_lse(xv.reshape(2 * b * m, d), t, ids.reshape(-1).astype(jnp.int32), m)
+    # Both directions are rows of one symmetric matrix (view 0's candidates: all of view 1
+    # and view 0 minus the same-id regions of its image; and vice versa): symmetric_lse's
+    # one-product VJP, where the two [B·M, R] directions take three products.
+    lse = symmetric_lse(xv.reshape(2 * b * m, d), t,
+                        functools.partial(_region_candidates, regions=m),
+                        ids.reshape(-1).astype(jnp.int32))
     own = jnp.einsum("vbid,vbjd->vbij", xv, xv[::-1]) / t  # each view against the other's
     same = ids[:, :, :, None] == ids[::-1][:, :, None, :]  # positives: same image and id
     n_pos = jnp.sum(same, axis=-1).astype(lse.dtype).reshape(-1)
