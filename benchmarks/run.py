@@ -213,7 +213,8 @@ def make_inputs(row: Row) -> dict:
     """The row's float32 inputs, by name; the same arrays feed both sides.
 
     ``pair``: two correlated views ``x0, x1`` (B, D). ``dino``: ``teacher`` (Vg, B, K) and
-    ``student`` (Vg + Vl, B, K) logits. ``swav``: ``crops`` (Vh + Vl, B, K) scores of
+    ``student`` (Vg + Vl, B, K) logits. ``swav``: ``high`` (Vh, B, K) and ``low``
+    (Vl, B, K), the scores of the high- and low-resolution crops (two backbone passes) of
     normalized features against normalized prototypes (cosines, as SwaV's), and
     ``queue`` (Vh, Q, K) when the row has a queue. ``msn``: view-major ``anchors``
     (V·B, D), ``targets`` (B, D), ``prototypes`` (K, D).
@@ -253,7 +254,8 @@ def make_inputs(row: Row) -> dict:
                 "student": normal(vg + vl, row.batch, row.dim)}
     if kind == "swav":
         protos = _unit(normal(row.k, row.dim))
-        out = {"crops": _unit(normal(vg + vl, row.batch, row.dim)) @ protos.T}
+        crops = _unit(normal(vg + vl, row.batch, row.dim)) @ protos.T
+        out = {"high": crops[:vg], "low": crops[vg:]}  # two backbone passes (resolutions)
         if row.bank:
             out["queue"] = _unit(normal(vg, row.bank, row.dim)) @ protos.T
         return out
@@ -324,11 +326,9 @@ def ours_step(row: Row, arrays: dict):
         loss = lambda student, teacher, state: fn(teacher, student, state)
         return loss, (a["student"],), (a["teacher"], S.init_dino_state(row.dim)), True
     if spec.kind == "swav":
-        vh = row.crops[0]
         if row.bank:
-            loss = lambda crops, queue: fn(crops[:vh], crops[vh:], queue)
-            return loss, (a["crops"],), (a["queue"],), False
-        return lambda crops: fn(crops[:vh], crops[vh:]), (a["crops"],), (), False
+            return fn, (a["high"], a["low"]), (a["queue"],), False
+        return fn, (a["high"], a["low"]), (), False
     if spec.kind == "msn":
         loss = lambda anchors, prototypes, targets: fn(anchors, targets, prototypes)
         return loss, (a["anchors"], a["prototypes"]), (a["targets"],), False
@@ -451,14 +451,15 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
     elif kind == "tico":
         fn, args = (lambda a, c: a @ (c + a.T @ a)), (flat[0], rest[0].covariance)
     elif kind == "lse":
-        student = diff[0]
+        students = diff  # SwaV: the high- and low-resolution crops
         teacher = [x for x in rest if isinstance(x, jax.Array)
                    and jnp.issubdtype(x.dtype, jnp.floating)]
         if not teacher and row.loss == "swav":  # the high-resolution crops' codes
-            teacher = [student[: row.crops[0]]]
+            teacher = [students[0]]
         lse_grad = jax.grad(lambda s: jax.nn.logsumexp(s, axis=-1).sum())
-        fn, args = (lambda s, *t: (lse_grad(s), [jnp.exp(x).sum() for x in t])), (student,
-                                                                                    *teacher)
+        ns = len(students)
+        fn, args = (lambda *a: ([lse_grad(s) for s in a[:ns]],
+                                [jnp.exp(x).sum() for x in a[ns:]])), (*students, *teacher)
     elif kind == "proj_lse":
         anchors, protos = diff
         targets = rest[0]
@@ -595,7 +596,6 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
         import lightly.loss.lejepa_loss  # noqa: F401
     criterion = operator.attrgetter(spec.lightly)(lightly.loss)(**kwargs)
     t = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
-    vg = row.crops[0]
     if spec.kind in ("pair", "tico", "mmcr"):
         a, b = ("online", "momentum") if spec.kind == "mmcr" else ("x0", "x1")
         leaves = [t[a], t[b]]
@@ -623,9 +623,9 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
         leaves = [t["student"]]
         call = lambda: criterion(list(t["teacher"]), list(t["student"]), epoch=0)
     elif spec.kind == "swav":
-        leaves = [t["crops"]]
+        leaves = [t["high"], t["low"]]
         queue = list(t["queue"]) if "queue" in t else None
-        call = lambda: criterion(list(t["crops"][:vg]), list(t["crops"][vg:]), queue)
+        call = lambda: criterion(list(t["high"]), list(t["low"]), queue)
     elif spec.kind == "msn":
         leaves = [t["anchors"], t["prototypes"]]
         call = lambda: criterion(t["anchors"], t["targets"], t["prototypes"])

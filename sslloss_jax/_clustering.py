@@ -318,11 +318,11 @@ def swav_loss(
     if low.size and low.shape[1:] != (b, k):
         raise ValueError(
             f"low_resolution_outputs views must have shape {(b, k)}, got {low.shape[1:]}")
-    crops = jnp.concatenate([high, low]) if low.size else high
-    n_crops = crops.shape[0]
+    n_crops = vh + low.shape[0]
     if n_crops < 2:
         raise ValueError(f"swav_loss needs at least two crops in total, got {n_crops}")
-    high32, crops32 = upcast(high, crops)
+    # the crops stay two blocks (never concatenated: a copy of every crop's scores)
+    high32, *low32 = upcast(high, *((low,) if low.size else ()))
     codes_high = lax.stop_gradient(high32)
     codes_in: jax.Array | tuple[jax.Array, ...] = codes_high
     valid = None
@@ -350,8 +350,8 @@ def swav_loss(
                       None if valid is None else jnp.broadcast_to(valid, (vh, valid.shape[0])),
                       sinkhorn_iterations, stable_sinkhorn, axis_name, rows=b,
                       scale=1 / eps)  # (V_h, B, K)
-    cross = cross_view_entropy(crops32 / temperature, codes)  # (V, B)
-    return coll.global_mean(jnp.sum(cross), b * (n_crops - 1) * vh, axis_name)
+    cross = cross_view_entropy((high32, *low32), codes, temperature)  # summed over pairs
+    return coll.global_mean(cross, b * (n_crops - 1) * vh, axis_name)
 
 
 def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, temperature,
@@ -624,5 +624,5 @@ def capi_loss(
         if idx.shape != s.shape[:2]:
             raise ValueError(f"teacher_index must have shape {s.shape[:2]}, got {idx.shape}")
         assignments = jnp.take_along_axis(assignments, idx[..., None].astype(jnp.int32), axis=1)
-    ce = soft_cross_entropy(s32 / student_temperature, assignments)
+    ce = soft_cross_entropy(s32, assignments, student_temperature)
     return coll.global_mean(jnp.sum(ce), ce.size, axis_name)

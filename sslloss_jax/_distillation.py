@@ -184,8 +184,8 @@ def dino_loss(
         )
     t32, s32, center = upcast(t, s, jnp.asarray(state.center))
     t_probs = jax.nn.softmax(lax.stop_gradient(t32 - center[None, None]) / teacher_temp, axis=-1)
-    cross = cross_view_entropy(s32 / student_temp, t_probs)  # (Vs, B)
-    loss = coll.global_mean(jnp.sum(cross), n_terms * t.shape[1], axis_name)
+    cross = cross_view_entropy(s32, t_probs, student_temp)  # summed over the pairs
+    loss = coll.global_mean(cross, n_terms * t.shape[1], axis_name)
     new_center = update_center(jnp.asarray(state.center), t, center_momentum, axis_name)
     return loss, DINOState(new_center)
 
@@ -228,7 +228,7 @@ def _patch_cross_entropy(t, s, center, teacher_temp, student_temp):
     """Per-token CE between the centered, sharpened (stop-gradient) teacher and the student."""
     t32, s32, c = upcast(t, s, center)
     probs = jax.nn.softmax(lax.stop_gradient(t32 - c[None, None]) / teacher_temp, axis=-1)
-    return soft_cross_entropy(s32 / student_temp, probs)
+    return soft_cross_entropy(s32, probs, student_temp)
 
 
 def _check_patch_hyper(teacher_temp, student_temp, center_momentum, axis_name):

@@ -25,6 +25,7 @@ __all__ = [
     "cosine_similarity",
     "masked_logsumexp",
     "symmetric_lse",
+    "scaled_logsumexp",
     "soft_cross_entropy",
     "cross_view_entropy",
     "sum_leading",
@@ -142,85 +143,129 @@ symmetric_lse.defvjp(_symmetric_lse_fwd, _symmetric_lse_bwd)
 _RECOMPUTE_BYTES = 32 * 2**20
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """``−Σ_k targets_k · log_softmax(logits)_k`` per row (last axis), in >= float32.
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
+                       temperature: jax.typing.ArrayLike = 1.0) -> jax.Array:
+    """``−Σ_k targets_k · log_softmax(logits / temperature)_k`` per row (last axis), in
+    >= float32.
 
-    Computed as ``(Σ_k targets_k)·logsumexp(logits) − Σ_k targets_k·logits_k``: the same
-    value for any non-negative targets (rows need not sum to one, e.g. a sum of several
-    views' codes), with one ``exp`` pass forward and one backward instead of the
+    Computed as ``(Σ_k targets_k)·logsumexp(y) − Σ_k targets_k·y`` with ``y = logits/τ``:
+    the same value for any non-negative targets (rows need not sum to one, e.g. a sum of
+    several views' codes), with one ``exp`` pass forward and one backward instead of the
     ``log_softmax`` materialization (about 1.5× faster on CPU for wide rows, as DINO's
     K = 65536 and SwaV's 3000 prototypes). Up to :data:`_RECOMPUTE_BYTES` of ``logits``
-    a custom VJP recomputes the softmax in the backward pass instead of storing it (see
-    :func:`cross_view_entropy`; CAPI at B = S = 64, K = 1024: 49 → 33 MiB of
-    temporaries). ``targets`` get gradients too, ``g·(lse − logits)``; stop-gradient them
+    a custom VJP keeps only the unscaled ``logits`` (the caller's array: no temporary),
+    the targets and row statistics, and recomputes ``y`` and the softmax in the backward
+    pass (see :func:`cross_view_entropy`). ``targets`` get gradients too,
+    ``g·(lse − y)``, and ``temperature`` one (it may be traced); stop-gradient the targets
     where the loss detaches them.
     """
     logits, targets = upcast(logits, targets)
-    if _recompute(logits):
-        return _soft_ce(logits, targets)
-    return _soft_ce_parts(logits, targets)[0]
+    t = jnp.asarray(temperature, logits.dtype)
+    if _recompute((logits,)):
+        return _soft_ce(logits, targets, t)
+    return _soft_ce_parts(logits, targets, t)[0]
 
 
-def _recompute(logits: jax.Array) -> bool:
+def _recompute(blocks: tuple[jax.Array, ...]) -> bool:
     """Whether the softmax is recomputed in the backward pass (see _RECOMPUTE_BYTES)."""
-    return logits.size * logits.dtype.itemsize <= _RECOMPUTE_BYTES
+    return sum(x.size * x.dtype.itemsize for x in blocks) <= _RECOMPUTE_BYTES
 
 
-def _soft_ce_parts(logits, targets):
-    lse = jax.nn.logsumexp(logits, axis=-1)
+def scaled_logsumexp(x: jax.Array, t: jax.Array, axis: int = -1) -> jax.Array:
+    """``logsumexp(x / t, axis)`` for a scalar ``t`` of either sign, shifted in ``x``'s
+    units (``exp((x − s)/t)`` with ``s`` the row max of ``x`` for ``t > 0``, the min for
+    ``t < 0``): ``x / t`` is never an array of its own (XLA:CPU writes out an operand
+    shared by the max and the sum passes: DINO/SwaV-sized rows 1.5× slower)."""
+    sign = jnp.where(t < 0, -1.0, 1.0).astype(x.dtype)
+    s = lax.stop_gradient(sign * jnp.max(sign * x, axis=axis, keepdims=True))
+    s = jnp.where(jnp.isfinite(s), s, 0.0)
+    out = jnp.log(jnp.sum(jnp.exp((x - s) / t), axis=axis, keepdims=True)) + s / t
+    return jnp.squeeze(out, axis)
+
+
+def _soft_ce_parts(logits, targets, t):
+    lse = scaled_logsumexp(logits, t)
     mass = jnp.sum(targets, axis=-1)
-    return mass * lse - jnp.sum(targets * logits, axis=-1), (logits, targets, lse, mass)
+    return (mass * lse - jnp.sum(targets * logits, axis=-1) / t,
+            (logits, targets, t, lse, mass))
 
 
 @jax.custom_vjp
-def _soft_ce(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return _soft_ce_parts(logits, targets)[0]
+def _soft_ce(logits: jax.Array, targets: jax.Array, t: jax.Array) -> jax.Array:
+    return _soft_ce_parts(logits, targets, t)[0]
 
 
-def _ce_cotangents(g, logits, targets, lse, mass):
-    """Cotangents of ``mass·lse(logits) − Σ targets·logits`` per row, the softmax
-    recomputed: ``g·(mass·softmax − targets)`` for the logits, ``g·(lse − logits)`` for
-    targets of the logits' shape."""
+def _ce_cotangents(g, y, targets, lse, mass):
+    """Cotangents of ``mass·lse(y) − Σ targets·y`` per row, the softmax recomputed:
+    ``g·(mass·softmax − targets)`` for ``y``, ``g·(lse − y)`` for targets of its shape."""
     g, lse = g[..., None], lse[..., None]
-    return g * (mass[..., None] * jnp.exp(logits - lse) - targets), g * (lse - logits)
+    return g * (mass[..., None] * jnp.exp(y - lse) - targets), g * (lse - y)
+
+
+def _row_reciprocal(t, lse):
+    """``1/t`` as a ``[rows, 1]`` column (``t`` a scalar) for the backward passes' scaling
+    of the logits. Multiplying by ``1/t`` broadcast from the scalar would be one
+    instruction with the forward's, which XLA:CPU then writes out as a logits-sized
+    array for its two fused reductions (CAPI: a 16 MiB constant, 5 ms per call); a
+    column derived from the row statistics is a broadcast of its own. ``0·lse`` keeps
+    XLA from folding it back to the scalar (``lse`` is finite: rows hold finite logits
+    or the loss is NaN anyway)."""
+    return (1 / t) + 0.0 * lse[..., None]
+
+
+def _scaled_cotangents(d_y, y, t):
+    """For ``y = logits / t``: the cotangents of ``logits`` and of the scalar ``t``."""
+    return d_y / t, (-jnp.sum(d_y * y) / t).astype(t.dtype)
 
 
 def _soft_ce_bwd(res, g):
-    logits, targets, lse, mass = res
-    return _ce_cotangents(g, logits, targets, lse, mass)
+    logits, targets, t, lse, mass = res
+    y = logits * _row_reciprocal(t, lse)
+    d_y, d_targets = _ce_cotangents(g, y, targets, lse, mass)
+    d_logits, d_t = _scaled_cotangents(d_y, y, t)
+    return d_logits, d_targets, d_t
 
 
 _soft_ce.defvjp(_soft_ce_parts, _soft_ce_bwd)
 
 
-def cross_view_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """The multi-crop pairing of DINO and SwaV: ``[V, ...]`` rows
-    ``soft_cross_entropy(logits[v], Σ_{t ≠ v} targets[t])`` for ``logits [V, ..., K]`` and
-    ``targets [T, ..., K]`` (every view predicts every target view but its own; views
-    ``v >= T`` predict all of them), so their sum is the sum of the cross entropies over
-    all pairs with different indices, without a ``[T, V]`` table of pairwise terms.
+def cross_view_entropy(logits: jax.Array | tuple[jax.Array, ...], targets: jax.Array,
+                       temperature: jax.typing.ArrayLike = 1.0) -> jax.Array:
+    """The multi-crop pairing of DINO and SwaV: the scalar
+    ``Σ_v Σ_rows soft_cross_entropy(logits[v] / τ, Σ_{t ≠ v} targets[t])`` for
+    ``logits [V, ..., K]`` and ``targets [T, ..., K]`` (every view predicts every target
+    view but its own; views ``v >= T`` predict all of them): the sum of the cross
+    entropies over all pairs with different indices, without a ``[T, V]`` table of
+    pairwise terms. ``logits`` may also be a tuple of blocks of views (``[V_j, ..., K]``,
+    in view order, e.g. SwaV's high- and low-resolution crops): they are never
+    concatenated, and each gets its own gradient.
 
-    With ``tot = Σ_t targets[t]`` and the target masses ``m_t = Σ_k targets[t]_k``:
-    ``row_v = (Σ_t m_t − m_v)·lse(logits[v]) − ⟨tot, logits[v]⟩ + ⟨targets[v], logits[v]⟩``
-    (the last two terms only for ``v < T``). The per-view targets ``[V, ..., K]`` are
-    never built, and the inner products are elementwise products and row sums, which
-    fuse with the reads of ``logits`` (a ``dot`` would need the scaled logits written
-    out first).
+    With ``y = logits/τ``, ``tot = Σ_t targets[t]`` and the target masses
+    ``m_t = Σ_k targets[t]_k``, view v contributes
+    ``Σ_rows (Σ_t m_t − m_v)·lse(y[v]) − ⟨tot, y[v]⟩ + ⟨targets[v], y[v]⟩`` (the last
+    term only for ``v < T``). The per-view targets ``[V, ..., K]`` are never built, and
+    both inner products are matrix-vector products over the flattened rows (XLA:CPU's
+    fused multiply-and-row-sum against a ``tot`` broadcast over the views is 7× slower:
+    4.3 ms against 0.6 for SwaV's six ``256 × 3000`` low-resolution crops).
 
-    Up to :data:`_RECOMPUTE_BYTES` of ``logits``, a custom VJP keeps only the inputs and
-    ``[V, ...]`` row statistics and its backward writes ``g·(mass·softmax − tot +
-    targets[v])`` in one pass, recomputing the softmax: autodiff stores the softmax and a
-    zero-padded copy of the own-view gradient, and XLA:CPU maps such temporaries afresh
-    on every call once they pass glibc's 32 MiB ``mmap`` threshold (SwaV, 2+6 crops,
-    K = 3000: 76 MiB of temporaries with the per-view targets built, 56 with autodiff,
-    24 with the custom VJP; 33 → 17 ms). Past it (DINO's K = 65536: 134 MiB per array)
-    the pages are mapped on every call anyway and the stored softmax saves an ``exp``
-    pass (250 ms against 300 ms recomputing).
+    Up to :data:`_RECOMPUTE_BYTES` of ``logits``, a custom VJP keeps only the unscaled
+    inputs and ``[V, ...]`` row statistics, and its backward writes
+    ``g·(mass·softmax − tot + targets[v])/τ`` in one pass, recomputing ``y`` and the
+    softmax: autodiff stores ``y``, the softmax and a zero-padded copy of the own-view
+    gradient. Every such temporary the size of ``logits`` costs twice on CPU: XLA:CPU
+    allocates its temporaries as one buffer per call, and glibc maps a buffer above
+    32 MiB afresh on every call, each page faulted and zeroed (here ~0.3 ms per MiB).
+    SwaV, 2+6 crops, K = 3000: 76 MiB of temporaries with the per-view targets built,
+    56 with autodiff, 26 with the scaled logits stored, 12 now. Past it (DINO's
+    K = 65536: 134 MiB per array) the pages are mapped on every call anyway and the
+    stored softmax saves an ``exp`` pass (250 ms against 300 ms recomputing).
     """
-    logits, targets = upcast(logits, targets)
-    if _recompute(logits):
-        return _cross_view(logits, targets)
-    return _cross_view_parts(logits, targets)[0]
+    *cast, targets = upcast(*(logits if isinstance(logits, tuple) else (logits,)), targets)
+    blocks = tuple(cast)
+    t = jnp.asarray(temperature, targets.dtype)
+    if _recompute(blocks):
+        return _cross_view(blocks, targets, t)
+    return _cross_view_parts(blocks, targets, t)[0]
 
 
 def _pad_views(x: jax.Array, n: int) -> jax.Array:
@@ -229,31 +274,66 @@ def _pad_views(x: jax.Array, n: int) -> jax.Array:
     return jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
-def _cross_view_parts(logits, targets):
-    v, m = logits.shape[0], min(logits.shape[0], targets.shape[0])
+def _view_blocks(blocks: tuple[jax.Array, ...], n_targets: int):
+    """``(start, own)`` per block: its first view's index and its number of views that
+    have a target of their own (index < ``n_targets``)."""
+    out, start = [], 0
+    for x in blocks:
+        out.append((start, max(0, min(x.shape[0], n_targets - start))))
+        start += x.shape[0]
+    return out
+
+
+def _flat_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``Σ a·b`` over all elements of two equal-sized arrays, as a matrix-vector
+    product (``[1, n] · [n]``) rather than a fused multiply-and-reduce."""
+    return jnp.dot(a.reshape(1, -1), b.reshape(-1))[0]
+
+
+def _cross_view_parts(blocks, targets, t):
     tot = sum_leading(targets)
     own_mass = jnp.sum(targets, axis=-1)
-    mass = sum_leading(own_mass)[None] - _pad_views(own_mass, v)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    cross = (jnp.sum(logits * tot[None], axis=-1)
-             - _pad_views(jnp.sum(logits[:m] * targets[:m], axis=-1), v))
-    return mass * lse - cross, (logits, targets, lse, mass, tot)
+    total_mass = sum_leading(own_mass)[None]
+    value, stats = jnp.zeros((), t.dtype), []
+    for x, (start, m) in zip(blocks, _view_blocks(blocks, targets.shape[0])):
+        n = x.shape[0]
+        mass = total_mass - _pad_views(own_mass[start:start + m], n)
+        lse = scaled_logsumexp(x, t)
+        # ⟨tot, x[v]⟩ summed over the views: [V, rows] · [rows] (a GEMV, no broadcast)
+        cross = jnp.sum(jnp.dot(x.reshape(n, -1), tot.reshape(-1)))
+        if m:
+            cross = cross - _flat_dot(x[:m], targets[start:start + m])
+        value = value + jnp.sum(mass * lse) - cross / t
+        stats.append((lse, mass))
+    return value, (blocks, targets, t, tuple(stats), tot)
 
 
 @jax.custom_vjp
-def _cross_view(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return _cross_view_parts(logits, targets)[0]
+def _cross_view(blocks: tuple[jax.Array, ...], targets: jax.Array, t: jax.Array) -> jax.Array:
+    return _cross_view_parts(blocks, targets, t)[0]
 
 
 def _cross_view_bwd(res, g):
-    logits, targets, lse, mass, tot = res
-    m = min(logits.shape[0], targets.shape[0])
-    # every view against the total, then its own targets added back (views v < T)
-    d, a = _ce_cotangents(g, logits, tot[None], lse, mass)
-    head = d[:m] + g[:m, ..., None] * targets[:m]
-    d_logits = jnp.concatenate([head, d[m:]]) if m < logits.shape[0] else head
-    # d/d targets[t] = Σ_{v ≠ t} g_v·(lse_v − logits[v])
-    return d_logits, sum_leading(a)[None] - _pad_views(a, targets.shape[0])
+    blocks, targets, t, stats, tot = res
+    n_targets = targets.shape[0]
+    d_blocks, d_t, a_own = [], jnp.zeros((), t.dtype), []
+    a_sum = jnp.zeros(targets.shape[1:], targets.dtype)
+    for x, (start, m), (lse, mass) in zip(blocks, _view_blocks(blocks, n_targets), stats):
+        y = x * _row_reciprocal(t, lse)
+        gv = jnp.broadcast_to(g, lse.shape)
+        # every view against the total, then its own targets added back (views v < T)
+        d, a = _ce_cotangents(gv, y, tot[None], lse, mass)
+        if m:
+            head = d[:m] + g * targets[start:start + m]
+            d = jnp.concatenate([head, d[m:]]) if m < x.shape[0] else head
+        d_x, d_tj = _scaled_cotangents(d, y, t)
+        d_blocks.append(d_x)
+        d_t = d_t + d_tj
+        a_sum = a_sum + sum_leading(a)
+        a_own.append(a[:m])
+    # d/d targets[t] = Σ_{v ≠ t} g·(lse_v − y[v])
+    own = jnp.concatenate(a_own) if len(a_own) > 1 else a_own[0]
+    return tuple(d_blocks), a_sum[None] - _pad_views(own, n_targets), d_t
 
 
 _cross_view.defvjp(_cross_view_parts, _cross_view_bwd)

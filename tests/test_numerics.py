@@ -18,6 +18,7 @@ from sslloss_jax._numerics import (
     matmul_nt,
     mean_leading,
     permute_last,
+    scaled_logsumexp,
     soft_cross_entropy,
     sum_leading,
     sym_gram,
@@ -180,6 +181,24 @@ def test_sym_gram_value_and_gradients(shape):
                 lambda z: jnp.sum(jnp.tanh(sym_gram(z)) * w))(z), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("t", [0.3, -0.3, 2.0])
+def test_scaled_logsumexp_value_and_gradients(t):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        x = jnp.asarray(rng.standard_normal((3, 4, 6)) * 3)
+        w = jnp.asarray(rng.standard_normal((3, 4)))
+        assert_matches_reference(scaled_logsumexp,
+                                 lambda x, t: jax.nn.logsumexp(x / t, axis=-1),
+                                 (x, jnp.asarray(t)), w)
+        # rows with -inf entries, an all -inf row, and large magnitudes (no overflow)
+        y = x.at[0, 0, :3].set(-jnp.inf).at[1, 1].set(-jnp.inf).at[2, 2].multiply(1e4)
+        want = jax.nn.logsumexp(y / t, axis=-1)
+        if t < 0:  # the same cells, mirrored: +inf entries for a negative temperature
+            y = -y
+            want = jax.nn.logsumexp(y / t, axis=-1)
+        np.testing.assert_allclose(scaled_logsumexp(y, jnp.asarray(t)), want, rtol=1e-12)
+
+
 def _reference_soft_ce(logits, targets):
     return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
@@ -193,6 +212,11 @@ def test_soft_cross_entropy_value_and_gradients(recompute, monkeypatch):
         targets = jnp.asarray(rng.uniform(size=(3, 4, 6)))  # rows need not sum to one
         w = jnp.asarray(rng.standard_normal((3, 4)))
         assert_matches_reference(soft_cross_entropy, _reference_soft_ce, (logits, targets), w)
+        # with a temperature divisor: its gradient too
+        for tau in (jnp.asarray(0.7), jnp.asarray(-0.7)):  # either sign
+            assert_matches_reference(soft_cross_entropy,
+                                     lambda x, y, t: _reference_soft_ce(x / t, y),
+                                     (logits, targets, tau), w)
 
 
 @pytest.mark.parametrize("recompute", [True, False])
@@ -206,11 +230,23 @@ def test_cross_view_entropy_is_the_sum_over_other_target_views(n_views, n_target
         logits = jnp.asarray(rng.standard_normal((n_views, 4, 7)) * 2)
         targets = jnp.asarray(rng.uniform(size=(n_targets, 4, 7)))
 
-        def reference(logits, targets):  # the [T, V] table of pairwise terms
-            rows = [sum((_reference_soft_ce(logits[v], targets[t])
-                         for t in range(n_targets) if t != v), jnp.zeros(4))
-                    for v in range(n_views)]
-            return jnp.stack(rows)
+        def reference(logits, targets):  # the [T, V] table of pairwise terms, summed
+            return sum(jnp.sum(_reference_soft_ce(logits[v], targets[t]))
+                       for v in range(n_views) for t in range(n_targets) if t != v)
 
-        w = jnp.asarray(rng.standard_normal((n_views, 4)))
+        w = jnp.asarray(1.3)
         assert_matches_reference(cross_view_entropy, reference, (logits, targets), w)
+        tau = jnp.asarray(0.6)
+        for t in (tau, -tau):  # either sign of the temperature
+            assert_matches_reference(cross_view_entropy,
+                                     lambda x, y, t: reference(x / t, y),
+                                     (logits, targets, t), w)
+        # the views as blocks (never concatenated), each with its own gradient: every
+        # split point, so blocks with all, some and none of their views owning a target
+        for cut in range(1, n_views):
+            blocks = lambda x, y, t, c=cut: cross_view_entropy((x[:c], x[c:]), y, t)
+            assert_matches_reference(blocks, lambda x, y, t: reference(x / t, y),
+                                     (logits, targets, tau), w)
+            three = lambda x, y, c=cut: cross_view_entropy((x[:1], x[1:c], x[c:]), y)
+            if cut > 1:
+                assert_matches_reference(three, reference, (logits, targets), w)
