@@ -96,11 +96,27 @@ def masked_logsumexp(
     (logits,) = upcast(logits)
     if where is None:
         return jax.nn.logsumexp(logits, axis=axis)
-    safe = jnp.where(where, logits, -jnp.inf)
-    m = lax.stop_gradient(jnp.max(safe, axis=axis, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    s = jnp.sum(jnp.where(where, jnp.exp(safe - m), 0.0), axis=axis)
-    return jnp.log(s) + jnp.squeeze(m, axis)
+    return scaled_logsumexp(logits, jnp.ones((), logits.dtype), axis, where=where)
+
+
+def scaled_logsumexp(x: jax.Array, t: jax.typing.ArrayLike,
+                     axis: int | tuple[int, ...] = -1, *,
+                     where: jax.Array | None = None) -> jax.Array:
+    """``logsumexp(x / t, axis)`` (over the ``where`` entries, as
+    :func:`masked_logsumexp`) for a scalar ``t`` of either sign, shifted in ``x``'s units:
+    ``exp((x − s)/t)`` with ``s`` the row max of ``x`` for ``t > 0``, the min for
+    ``t < 0``. So ``x / t`` is never an array of its own: XLA:CPU writes out an operand
+    shared by the max and the sum passes (DINO/SwaV-sized rows 1.5× slower, and a
+    temporary the size of ``x``)."""
+    (x,) = upcast(x)
+    t = jnp.asarray(t, x.dtype)
+    sign = jnp.where(t < 0, -1.0, 1.0).astype(x.dtype)
+    if where is not None:  # masked entries: −inf after the scaling, whatever they held
+        x = jnp.where(where, x, -sign * jnp.inf)
+    s = lax.stop_gradient(sign * jnp.max(sign * x, axis=axis, keepdims=True))
+    s = jnp.where(jnp.isfinite(s), s, 0.0)
+    out = jnp.log(jnp.sum(jnp.exp((x - s) / t), axis=axis, keepdims=True)) + s / t
+    return jnp.squeeze(out, axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -120,13 +136,14 @@ def symmetric_lse(z: jax.Array, temperature: jax.Array,
 
 
 def _symmetric_lse_fwd(z, temperature, candidates, operand):
-    logits = (z @ z.T) / temperature
-    lse = masked_logsumexp(logits, candidates(operand), axis=1)
-    return lse, (z, temperature, operand, logits, lse)
+    gram = z @ z.T  # the unscaled logits are the residual (no second R×R array)
+    lse = scaled_logsumexp(gram, temperature, 1, where=candidates(operand))
+    return lse, (z, temperature, operand, gram, lse)
 
 
 def _symmetric_lse_bwd(candidates, res, g):
-    z, temperature, operand, logits, lse = res
+    z, temperature, operand, gram, lse = res
+    logits = gram * _row_reciprocal(temperature, lse)
     sym = jnp.where(candidates(operand), g[:, None] * jnp.exp(logits - lse[:, None])
                     + g[None, :] * jnp.exp(logits - lse[None, :]), 0.0)
     dz = (sym @ z) / temperature
@@ -169,18 +186,6 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
 def _recompute(blocks: tuple[jax.Array, ...]) -> bool:
     """Whether the softmax is recomputed in the backward pass (see _RECOMPUTE_BYTES)."""
     return sum(x.size * x.dtype.itemsize for x in blocks) <= _RECOMPUTE_BYTES
-
-
-def scaled_logsumexp(x: jax.Array, t: jax.Array, axis: int = -1) -> jax.Array:
-    """``logsumexp(x / t, axis)`` for a scalar ``t`` of either sign, shifted in ``x``'s
-    units (``exp((x − s)/t)`` with ``s`` the row max of ``x`` for ``t > 0``, the min for
-    ``t < 0``): ``x / t`` is never an array of its own (XLA:CPU writes out an operand
-    shared by the max and the sum passes: DINO/SwaV-sized rows 1.5× slower)."""
-    sign = jnp.where(t < 0, -1.0, 1.0).astype(x.dtype)
-    s = lax.stop_gradient(sign * jnp.max(sign * x, axis=axis, keepdims=True))
-    s = jnp.where(jnp.isfinite(s), s, 0.0)
-    out = jnp.log(jnp.sum(jnp.exp((x - s) / t), axis=axis, keepdims=True)) + s / t
-    return jnp.squeeze(out, axis)
 
 
 def _soft_ce_parts(logits, targets, t):

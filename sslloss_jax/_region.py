@@ -9,14 +9,14 @@ subtracts 1e9, which overflows float16).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from sslloss_jax import _collectives as coll
+from sslloss_jax import _tiled as tiled
 from sslloss_jax import _validation as val
 from sslloss_jax._numerics import (
+    argmax_first,
     l2_normalize,
     masked_logsumexp,
     matmul_nt,
@@ -72,27 +72,42 @@ def _direction(p_x, t_y, t_y_all, t_x_all, mask_x, mask_y, temperature, axis_nam
     return jnp.sum(-weight * log_lik)
 
 
-def _region_candidates(ids: jax.Array, regions: int) -> jax.Array:
-    """``[R, R]`` candidates of the stacked rows ``[view0; view1]`` (``R = 2·B·M``): every
-    row except those of the same (view, image) block with the same region id."""
-    group = jnp.arange(ids.shape[0], dtype=jnp.int32) // regions
-    return ~((group[:, None] == group[None, :]) & (ids[:, None] == ids[None, :]))
+def _region_classes(ids: jax.Array, regions: int) -> jax.Array:
+    """Class ids of the stacked rows ``[view0; view1]`` (``ids [R]``, ``R = 2·B·M``): rows
+    of one (view, image) block with the same region id share the index of the block's
+    first such row, so a row's excluded same-view regions are the rows of its class
+    (nonnegative and below ``R`` whatever the region ids' values)."""
+    blocks = ids.reshape(-1, regions)  # [2B, M]
+    first = argmax_first(blocks[:, :, None] == blocks[:, None, :], axis=2)  # [2B, M]
+    start = jnp.arange(blocks.shape[0], dtype=jnp.int32)[:, None] * regions
+    return (start + first.astype(jnp.int32)).reshape(-1)
+
+
+def _different_class(classes: jax.Array) -> jax.Array:
+    """``[R, R]`` candidates: every row but those of the same class (symmetric)."""
+    return classes[:, None] != classes[None, :]
 
 
 def _detcon_s_single(v0, v1, m0, m1, temperature) -> jax.Array:
     """DetCon-S on one device: :func:`_detcon` with ``pred = target``, both directions
-    from one :func:`symmetric_lse` (the same value and gradients)."""
+    from one symmetric logsumexp (the same value and gradients)."""
     v0, v1 = upcast(v0, v1)
     b, m, d = v0.shape
     xv = jnp.stack([l2_normalize(v0), l2_normalize(v1)])  # [2, B, M, D]
     t = jnp.asarray(temperature, xv.dtype)
     ids = jnp.stack([m0, m1])  # [2, B, M]
     # Both directions are rows of one symmetric matrix (view 0's candidates: all of view 1
-    # and view 0 minus the same-id regions of its image; and vice versa): symmetric_lse's
-    # one-product VJP, where the two [B·M, R] directions take three products.
-    lse = symmetric_lse(xv.reshape(2 * b * m, d), t,
-                        functools.partial(_region_candidates, regions=m),
-                        ids.reshape(-1).astype(jnp.int32))
+    # and view 0 minus the same-id regions of its image; and vice versa), whose VJP needs
+    # one product where the two [B·M, R] directions take three. Past the contrastive
+    # losses' "auto" size, the tiled kernel (its "self" ids are the region classes): no
+    # R×R array at all (R = 2048: 40 MiB of temporaries and 29 ms dense, 20 ms tiled).
+    z = xv.reshape(2 * b * m, d)
+    classes = _region_classes(ids.reshape(-1).astype(jnp.int32), m)
+    if tiled.use_tiled("auto", tiled.DEFAULT_BLOCK_SIZE, z.shape[0], z.shape[0]):
+        lse, _ = tiled.tiled_self_lse(z, 1.0 / t, tiled.Rows(ids=classes),
+                                      block_size=tiled.DEFAULT_BLOCK_SIZE)
+    else:
+        lse = symmetric_lse(z, t, _different_class, classes)
     own = jnp.einsum("vbid,vbjd->vbij", xv, xv[::-1]) / t  # each view against the other's
     same = ids[:, :, :, None] == ids[::-1][:, :, None, :]  # positives: same image and id
     n_pos = jnp.sum(same, axis=-1).astype(lse.dtype).reshape(-1)

@@ -296,17 +296,23 @@ def test_frossl_zero_view_is_finite():
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
+@pytest.mark.parametrize("path", ["dense", "tiled"])
 @pytest.mark.parametrize("temperature", [0.1, -0.3])
-def test_detcon_s_symmetric_path_equals_both_directions(temperature):
-    """DetCon-S on one device (one symmetric logits matrix, custom VJP) against the two
+def test_detcon_s_symmetric_path_equals_both_directions(temperature, path, monkeypatch):
+    """DetCon-S on one device (one symmetric logits matrix: dense with a custom VJP, or
+    the tiled kernel with the region classes as ids, in 4-row tiles) against the two
     directions of DetCon-B with pred = target: value and gradients in the views and in τ
-    (float64; repeated region ids, several regions per id)."""
-    from sslloss_jax import _region
+    (float64; repeated region ids, several regions per id, ids of any value)."""
+    from sslloss_jax import _region, _tiled
 
+    if path == "tiled":
+        monkeypatch.setattr(_tiled, "AUTO_TILED_ELEMENTS", 0)
+        monkeypatch.setattr(_tiled, "DEFAULT_BLOCK_SIZE", 4)
     rng = np.random.default_rng(13)
     with jax.enable_x64(True):
         v0, v1 = (jnp.asarray(rng.standard_normal((3, 5, 4))) for _ in range(2))
         m0, m1 = (jnp.asarray(rng.integers(0, 3, (3, 5))) for _ in range(2))
+        m1 = m1 * 1000003 - 7  # region ids need not be small or nonnegative
 
         def ours(v0, v1, t):
             return _region._detcon_s_single(v0, v1, m0, m1, t)
