@@ -104,6 +104,11 @@ def sinkhorn(
 _SHIFTED_RANGE = {jnp.dtype(jnp.float32): 50.0, jnp.dtype(jnp.float64): 300.0}
 #: Sinkhorn rounds up to this many are unrolled (see :func:`_rounds`).
 _UNROLL_MAX = 8
+#: Past this many bytes of ``exp`` array, the shifted Sinkhorn runs in row blocks
+#: (:func:`_sinkhorn_scaling_blocked`): XLA:CPU would write it out, and glibc maps such
+#: a buffer afresh on every call. Blocks of about :data:`_BLOCK_BYTES` stay in cache.
+_BLOCKED_BYTES = 32 * 2**20
+_BLOCK_BYTES = 3 * 2**20
 
 
 def _rounds(one_round, iterations: int, init):
@@ -138,6 +143,7 @@ def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None, sca
 
     shape = parts[0].shape[:-2] + (sum(p.shape[-2] for p in parts), parts[0].shape[-1])
     dtype = parts[0].dtype
+    blocked = math.prod(shape) * jnp.dtype(dtype).itemsize > _BLOCKED_BYTES
     log_r = log_r.reshape((1,) * (len(shape) - 1) + log_r.shape)
     n = (jnp.asarray(float(shape[-2] * coll.axis_size(axis_name)), dtype)
          if mask is None else
@@ -151,10 +157,15 @@ def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None, sca
         top, bottom = top * scale, bottom * scale
     fits = top - bottom <= _SHIFTED_RANGE.get(jnp.dtype(dtype), 50.0)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    def scaling(p):
+        if blocked:
+            return _sinkhorn_scaling_blocked(p, scale, shift, log_r, n, mask, iterations,
+                                             axis_name, rows)
+        return _sinkhorn_scaling(full(p) - shift, log_r, n, mask, iterations, axis_name, rows)
+
     return lax.cond(
         fits,
-        lambda p: _sinkhorn_scaling(full(p) - shift, log_r, n, mask, iterations, axis_name,
-                                    rows),
+        scaling,
         lambda p: _sinkhorn_log(full(p), log_r, n, cells, iterations, axis_name, rows),
         parts)
 
@@ -189,6 +200,96 @@ def _sinkhorn_log(logits, log_r, n, cells, iterations, axis_name, rows):
     return q if cells is None else jnp.where(cells[..., :rows, :], q, 0.0)
 
 
+def _column_targets(log_r, n, lead: tuple, k: int) -> jax.Array:
+    """The column targets ``r·n/K`` (``[*lead, K]``) of the scaling algorithms: total n,
+    as the rows' total, so u and v stay bounded over any number of rounds; their overall
+    scale, the first 1/ΣQ and every 1/n cancel in the row step, so the codes are
+    lightly's."""
+    count = n if n.ndim == 0 else n[..., 0]
+    return jnp.broadcast_to(jnp.exp(log_r[..., 0, :]), lead + (k,)) * (count / k)
+
+
+def _sinkhorn_scaling_blocked(parts, scale, shift, log_r, n, mask, iterations, axis_name,
+                              rows):
+    """:func:`_sinkhorn_scaling` of ``exp(concat(parts)·scale − shift)`` without that
+    array: each sweep runs over row blocks of about :data:`_BLOCK_BYTES` (a ``scan``,
+    the blocks sliced from the inputs in place), recomputing a block's ``exp`` and
+    taking from it, while it is in cache, both the row sums with the current ``v`` (so
+    its ``u``) and its share of the next column sums ``uᵀE``. A round's two passes over
+    ``E`` are one sweep over the inputs, and ``E`` (SwaV with a 3840-row queue:
+    ``2 × 4096 × 3000``, 94 MiB, written and page-faulted on every call) is never
+    stored: its ``exp`` is recomputed once per round instead. Rounds ``0 … T−1``:
+    sweep 0 gives ``c = 1ᵀE``; sweep t gives ``u_t = 1/(E v_t)`` and ``c = u_tᵀE``; the
+    last round's ``u`` is needed on the returned ``rows`` only (``parts[0]``'s first)."""
+    lead, k = parts[0].shape[:-2], parts[0].shape[-1]
+    p_count = math.prod(lead)
+    xs = [x.reshape(p_count, x.shape[-2], k) for x in parts]
+    valid = None if mask is None else mask.reshape(p_count, -1)
+    scale = jnp.ones((), shift.dtype) if scale is None else scale
+
+    def block_exp(x):
+        return jnp.exp(x * scale - shift)
+
+    def sweep(v):
+        """Column sums ``Σ_b u_b E_b`` (``u = 1`` when ``v`` is None, else
+        ``1/(E v)``), ``[P, K]``, over every block of every part."""
+        # ``zeros_like`` of the (per-device) data: under shard_map the scan carry has the
+        # data's varying-axes type
+        c = jnp.zeros_like(xs[0][:, 0, :])
+        start = 0
+        for x in xs:
+            m = x.shape[1]
+            size = max(1, min(m, _BLOCK_BYTES // (k * x.dtype.itemsize)))
+            full, rem = divmod(m, size)
+
+            def block(c, pi, lo, size, x=x, start=start):
+                pi, lo = jnp.asarray(pi, jnp.int32), jnp.asarray(lo, jnp.int32)
+                zero = jnp.zeros((), jnp.int32)
+                e = block_exp(lax.dynamic_slice(x, (pi, lo, zero), (1, size, k))[0])
+                ok = (None if valid is None
+                      else lax.dynamic_slice(valid, (pi, start + lo), (1, size))[0])
+                if ok is not None:  # invalid rows: no mass, whatever they hold
+                    e = jnp.where(ok[:, None], e, 0.0)
+                u = (jnp.ones((size,), e.dtype) if v is None
+                     else 1.0 / (e @ lax.dynamic_index_in_dim(v, pi, 0, keepdims=False)))
+                if ok is not None:
+                    u = jnp.where(ok, u, 0.0)
+                return lax.dynamic_update_index_in_dim(
+                    c, lax.dynamic_index_in_dim(c, pi, 0, keepdims=False) + u @ e, pi, 0)
+
+            def step(c, j, full=full, size=size, block=block):
+                return block(c, j // full, (j % full) * size, size), None
+
+            if full:
+                c = lax.scan(step, c, jnp.arange(p_count * full, dtype=jnp.int32))[0]
+            for pi in range(p_count) if rem else ():
+                c = block(c, pi, full * size, rem)
+            start += m
+        return coll.psum(c, axis_name)
+
+    r = _column_targets(log_r, n, lead, k).reshape(p_count, k)
+    e_rows = block_exp(xs[0][:, :rows])  # [P, rows, K]
+    keep = None if valid is None else valid[:, :rows, None]
+    if keep is not None:
+        e_rows = jnp.where(keep, e_rows, 0.0)
+    c = sweep(None)
+    if iterations == 0:
+        codes = e_rows * (n.reshape(-1, 1, 1) if n.ndim else n) / jnp.sum(
+            c, axis=-1)[:, None, None]
+    else:
+        for t in range(1, iterations + 1):
+            v = r / c
+            if t < iterations:
+                c = sweep(v)
+        row = jnp.einsum("pbk,pk->pb", e_rows, v)
+        if keep is not None:
+            row = jnp.where(keep[..., 0], row, 1.0)
+        codes = e_rows / row[..., None] * v[:, None, :]
+    if keep is not None:
+        codes = jnp.where(keep, codes, 0.0)
+    return codes.reshape(lead + (rows, k))
+
+
 def _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name, rows):
     """lightly's multiplicative algorithm, ``Q = exp(L) / ΣQ``, then per round
     ``Q ← Q / colsum(Q) · r``, ``Q ← Q / rowsum(Q) / n``, and finally ``n·Q``, carried
@@ -203,9 +304,7 @@ def _sinkhorn_scaling(logits, log_r, n, mask, iterations, axis_name, rows):
     # Column targets r·n/K (total n, as the rows' total) keep u and v bounded over any
     # number of rounds; their overall scale, the first 1/ΣQ and every 1/n cancel in the
     # row step, so the codes are lightly's.
-    k = e.shape[-1]
-    count = n if n.ndim == 0 else n[..., 0]
-    r = jnp.broadcast_to(jnp.exp(log_r[..., 0, :]), e.shape[:-2] + (k,)) * (count / k)
+    r = _column_targets(log_r, n, e.shape[:-2], e.shape[-1])
     u = jnp.ones_like(e[..., 0])
 
     def one_round(_, uv):

@@ -31,6 +31,7 @@ __all__ = [
     "global_logsumexp",
     "Moments",
     "global_moments",
+    "match_vma",
 ]
 
 
@@ -159,3 +160,30 @@ def global_moments(*xs: jax.Array, axis_name: AxisName) -> tuple[Moments, ...]:
     means = [m / count for m in reduce([jnp.sum(x, axis=0, keepdims=True) for x in xs])]
     m2s = reduce([jnp.sum(jnp.square(x - m), axis=0, keepdims=True) for x, m in zip(xs, means)])
     return tuple(Moments(m, v, count) for m, v in zip(means, m2s, strict=True))
+
+
+def _varying_axes(x: jax.Array) -> frozenset | None:
+    """The manual mesh axes ``x`` varies along inside ``shard_map`` (empty outside), or
+    None where JAX has no such types (``manual_axis_type.varying``; ``vma`` in earlier
+    versions)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return None
+    aval = typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    vma = getattr(aval, "vma", None)
+    return None if vma is None else frozenset(vma)
+
+
+def match_vma(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """A custom VJP's ``cotangent`` for ``primal``, summed (``psum``) over the manual mesh
+    axes it varies along but ``primal`` does not: under ``shard_map`` a replicated
+    operand (a temperature, prototypes) met per-device data, which autodiff transposes
+    to that sum. The identity outside ``shard_map``, where the types agree, and on JAX
+    versions without varying-axes types."""
+    ct, pr = _varying_axes(cotangent), _varying_axes(primal)
+    if ct is None or pr is None or not ct - pr:
+        return cotangent
+    return lax.psum(cotangent, tuple(sorted(ct - pr)))

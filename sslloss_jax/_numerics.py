@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sslloss_jax._collectives import match_vma
+
 __all__ = [
     "compute_dtype",
     "upcast",
@@ -148,7 +150,7 @@ def _symmetric_lse_bwd(candidates, res, g):
                     + g[None, :] * jnp.exp(logits - lse[None, :]), 0.0)
     dz = (sym @ z) / temperature
     dt = -0.5 * jnp.sum(sym * logits) / temperature
-    return dz, dt.astype(temperature.dtype), None
+    return match_vma(dz, z), match_vma(dt.astype(temperature.dtype), temperature), None
 
 
 symmetric_lse.defvjp(_symmetric_lse_fwd, _symmetric_lse_bwd)
@@ -228,7 +230,7 @@ def _soft_ce_bwd(res, g):
     y = logits * _row_reciprocal(t, lse)
     d_y, d_targets = _ce_cotangents(g, y, targets, lse, mass)
     d_logits, d_t = _scaled_cotangents(d_y, y, t)
-    return d_logits, d_targets, d_t
+    return (match_vma(d_logits, logits), match_vma(d_targets, targets), match_vma(d_t, t))
 
 
 _soft_ce.defvjp(_soft_ce_parts, _soft_ce_bwd)
@@ -338,7 +340,8 @@ def _cross_view_bwd(res, g):
         a_own.append(a[:m])
     # d/d targets[t] = Σ_{v ≠ t} g·(lse_v − y[v])
     own = jnp.concatenate(a_own) if len(a_own) > 1 else a_own[0]
-    return tuple(d_blocks), a_sum[None] - _pad_views(own, n_targets), d_t
+    return (tuple(match_vma(d, x) for d, x in zip(d_blocks, blocks)),
+            match_vma(a_sum[None] - _pad_views(own, n_targets), targets), match_vma(d_t, t))
 
 
 _cross_view.defvjp(_cross_view_parts, _cross_view_bwd)
@@ -489,7 +492,7 @@ def _matmul_nt_fwd(a, b):
 
 def _matmul_nt_bwd(res, g):
     a, b = res
-    return g @ b, lax.optimization_barrier(a.T @ g).T
+    return match_vma(g @ b, a), match_vma(lax.optimization_barrier(a.T @ g).T, b)
 
 
 matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)

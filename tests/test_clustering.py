@@ -224,12 +224,42 @@ def test_capi_lightly_values_teacher_detached_and_errors():
         S.capi_loss(t, s[:, :3], idx.astype(np.float32))
 
 
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_blocked_scaling_sinkhorn_equals_dense(iterations, lead, monkeypatch):
+    """The row-block sweeps (no exp array) against the dense scaling algorithm in float64:
+    two parts, invalid rows holding inf and NaN, a problem axis or none, 0-3 rounds,
+    codes of the first part's rows only."""
+    rng = np.random.default_rng(iterations)
+    with jax.enable_x64(True):
+        parts = (jnp.asarray(rng.standard_normal(lead + (7, 6))),
+                 jnp.asarray(rng.standard_normal(lead + (9, 6))))
+        valid = np.ones(lead + (16,), bool)
+        valid[..., [2, 10, 11]] = False
+        parts = (parts[0].at[..., 2, 0].set(jnp.inf), parts[1].at[..., 3, 1].set(jnp.nan))
+        log_r = jnp.asarray(np.log(rng.uniform(0.5, 2.0, 6)))
+        args = (log_r, jnp.asarray(valid), iterations, True, None)
+        dense = C._sinkhorn(parts, *args, rows=5, scale=jnp.asarray(4.0))
+        monkeypatch.setattr(C, "_BLOCKED_BYTES", 0)
+        monkeypatch.setattr(C, "_BLOCK_BYTES", 2 * 6 * 8)  # 2-row blocks
+        blocked = jax.jit(lambda p: C._sinkhorn(p, *args, rows=5, scale=jnp.asarray(4.0)))(
+            parts)
+        assert np.all(np.isfinite(blocked))
+        np.testing.assert_allclose(blocked, dense, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["dense", "row_blocks"])
 @pytest.mark.parametrize("scale", [0.1, 40.0], ids=["scaling_path", "log_domain_path"])
 @pytest.mark.parametrize("partial", [False, True])
-def test_swav_queue_blocks_equal_sinkhorn_of_the_concatenation(scale, partial):
+def test_swav_queue_blocks_equal_sinkhorn_of_the_concatenation(scale, partial, blocked,
+                                                               monkeypatch):
     """The queue enters the Sinkhorn as a second block of rows (never concatenated
     outside its branches); with or without invalid queue rows, on both Sinkhorn paths
-    (float32), the loss is that of the codes of the concatenated scores."""
+    (float32), the loss is that of the codes of the concatenated scores. ``row_blocks``:
+    the scaling path in sweeps over 4-row blocks (a scan and a remainder per part)."""
+    if blocked:
+        monkeypatch.setattr(C, "_BLOCKED_BYTES", 0)
+        monkeypatch.setattr(C, "_BLOCK_BYTES", 4 * 5 * 4)
     h = [jnp.asarray(_r(20 + i, (6, 5)) * scale, jnp.float32) for i in range(2)]
     low = [jnp.asarray(_r(22, (6, 5)) * scale, jnp.float32)]
     q = [jnp.asarray(_r(23 + i, (4, 5)) * scale, jnp.float32) for i in range(2)]

@@ -70,3 +70,15 @@ def test_dclw_local_weights_is_lightlys_per_rank_softmax():
     with pytest.raises(AssertionError):
         assert_distributed_equivalent(get("dclw_loss"), "shard_map", 4,
                                       hyper={"local_weights": True})
+
+
+def test_swav_queue_sinkhorn_in_row_blocks(monkeypatch):
+    """SwaV with a queue whose Sinkhorn runs in row-block sweeps (forced here with 2-row
+    blocks; on by default past 32 MiB of exp array): the column sums are psum'ed per
+    sweep, so shard_map gives the single-device loss and gradients."""
+    from sslloss_jax import _clustering
+    from sslloss_jax._registry import QUEUE_VARIANTS
+
+    monkeypatch.setattr(_clustering, "_BLOCKED_BYTES", 0)
+    monkeypatch.setattr(_clustering, "_BLOCK_BYTES", 2 * 16 * 4)
+    assert_distributed_equivalent(QUEUE_VARIANTS[0], "shard_map", 4)

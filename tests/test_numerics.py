@@ -22,6 +22,7 @@ from sslloss_jax._numerics import (
     soft_cross_entropy,
     sum_leading,
     sym_gram,
+    symmetric_lse,
 )
 from tests._harness import assert_matches_reference
 
@@ -250,3 +251,41 @@ def test_cross_view_entropy_is_the_sum_over_other_target_views(n_views, n_target
             three = lambda x, y, c=cut: cross_view_entropy((x[:1], x[1:c], x[c:]), y)
             if cut > 1:
                 assert_matches_reference(three, reference, (logits, targets), w)
+
+
+@pytest.mark.parametrize("which", ["soft_ce", "cross_view", "symmetric_lse", "matmul_nt"])
+def test_custom_vjps_under_shard_map_with_replicated_operands(which):
+    """A custom VJP inside shard_map (here without an axis_name: a per-device loss, summed
+    by the caller) whose replicated operand (temperature, prototypes) meets per-device
+    data: its cotangent is the psum over the devices (match_vma), as autodiff gives."""
+    from jax.sharding import PartitionSpec as P
+
+    from tests._harness import make_mesh
+
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((4, 3, 6)), jnp.float32)  # 4 devices × [3, 6]
+    y = jnp.asarray(rng.uniform(size=(4, 3, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 6)), jnp.float32)
+    t = jnp.asarray(0.7, jnp.float32)
+    fns = {
+        "soft_ce": lambda x, y, t, w: jnp.sum(soft_cross_entropy(x, y, t)),
+        "cross_view": lambda x, y, t, w: cross_view_entropy(x[None], y[None] * 0.5, t)
+        + cross_view_entropy((x[None], x[None]), y[None], t),
+        "symmetric_lse": lambda x, y, t, w: jnp.sum(symmetric_lse(
+            x, t, lambda _: ~jnp.eye(3, dtype=bool))),
+        "matmul_nt": lambda x, y, t, w: jnp.sum(jnp.tanh(matmul_nt(x, w) * t)),
+    }
+    f = fns[which]
+
+    def local(x, y, t, w):  # one device's share: its block, the replicated t and w
+        return jax.lax.psum(f(x[0], y[0], t, w), "data")
+
+    mesh = make_mesh(4)
+    sharded = jax.shard_map(jax.grad(local, argnums=(0, 2, 3)), mesh=mesh,
+                            in_specs=(P("data"), P("data"), P(), P()),
+                            out_specs=(P("data"), P(), P()))
+    got = jax.jit(sharded)(x, y, t, w)
+    want = jax.grad(lambda x, y, t, w: sum(f(x[i], y[i], t, w) for i in range(4)),
+                    argnums=(0, 2, 3))(x, y, t, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
