@@ -797,9 +797,14 @@ class Worker:
 
 
 def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_reps: int,
-                max_reps: int) -> dict[str, dict]:
+                max_reps: int, gap_s: float = 0.0) -> dict[str, dict]:
     """Calls the ``reps`` round-robin (A B A B ...) and returns each one's median, min and
     samples (and those of its floor program, where it reports one).
+
+    Every repetition starts after ``gap_s`` seconds of quiet, so the other side's runtime
+    threads have gone idle: torch's OpenMP workers spin-wait after each parallel region,
+    and back to back they took CPU from the next repetition (SwaV with its queue: ours
+    87 ms right after lightly's repetitions, 34 ms alone or after a 50 ms gap).
 
     Stops after ``max_reps`` rounds, or after ``min_reps`` rounds once some side has spent
     ``budget_s`` seconds. Each rep returns ``{"s": seconds per call, "floor_s"?: ...}``.
@@ -808,6 +813,7 @@ def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_rep
     spent = dict.fromkeys(reps, 0.0)
     for n in range(1, max_reps + 1 if reps else 1):
         for key, rep in reps.items():
+            time.sleep(gap_s)
             t0 = time.perf_counter()
             for what, sec in rep().items():
                 samples[key].setdefault(what, []).append(sec)
@@ -846,7 +852,8 @@ def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
                     print(f"{row.name}: {side} failed: {err}", file=sys.stderr)
         try:
             timed = median_time({s: w.rep for s, w in workers.items()}, budget_s=args.budget,
-                                min_reps=args.min_reps, max_reps=args.max_reps)
+                                min_reps=args.min_reps, max_reps=args.max_reps,
+                                gap_s=args.gap_ms / 1e3)
         except WorkerError as err:  # a worker died or hung mid-row: the row has no timing
             print(f"{row.name}: failed while timing: {err}", file=sys.stderr)
             return {**results, **{side: {"error": f"while timing: {err}"}
@@ -933,12 +940,19 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
     return rows
 
 
+def merged_note(meta: dict) -> str:
+    n = meta.get("merged_runs")
+    return (f"; each row from the one of {n} full runs with the row's median ratio "
+            "(`--merge`)") if n else ""
+
+
 def markdown(results: list[dict], meta: dict, targets: list[dict]) -> str:
     """The report as a markdown table (what the README quotes), then the floors and targets."""
     lines = [f"sslloss_jax benchmark, {meta['date']}: forward+backward, float32, "
              f"{meta['cpu']['model']} ({meta['cpu']['cores']} cores), "
              f"{meta['settings']['threads']} threads per side; "
-             + ", ".join(f"{k} {v}" for k, v in {**meta["ours"], **meta["lightly"]}.items()),
+             + ", ".join(f"{k} {v}" for k, v in {**meta["ours"], **meta["lightly"]}.items())
+             + merged_note(meta),
              "", "| " + " | ".join(HEAD) + " |", "|---" + "|---:" * (len(HEAD) - 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
     lines += ["", "Floors (the roofline column's denominator, timed in the same worker):", ""]
@@ -995,7 +1009,8 @@ def plot(results: list[dict], path: Path) -> None:
 def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
     lines = [f"sslloss_jax benchmark {meta['date']}: forward+backward, float32, CPU",
              f"cpu: {meta['cpu']['model']} ({meta['cpu']['cores']} cores), "
-             f"{meta['settings']['threads']} threads per side; python {meta['python']}",
+             f"{meta['settings']['threads']} threads per side; python {meta['python']}"
+             + merged_note(meta),
              "ours: " + ", ".join(f"{k} {v}" for k, v in meta["ours"].items()),
              "lightly: " + (", ".join(f"{k} {v}" for k, v in meta["lightly"].items())
                             if meta["lightly"] else "not found (only our numbers)"), ""]
@@ -1099,6 +1114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=50.0,
                    help="fast calls are batched into repetitions of about this long")
     p.add_argument("--max-inner", type=int, default=1000, help="max calls per repetition")
+    p.add_argument("--gap-ms", type=float, default=50.0,
+                   help="idle time before each repetition, so the other side's threads have "
+                   "stopped spinning (default 50)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each row, wait up to S seconds for other processes to go idle")
     p.add_argument("--retry-busy", type=int, default=0, metavar="N",
@@ -1106,11 +1124,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a worker may stay silent before it is killed (default 600)")
     p.add_argument("--list", action="store_true", help="list the selected rows and exit")
+    p.add_argument("--merge", nargs="+", metavar="RUN.json", help="measure nothing: merge "
+                   "full runs (their --json files) into one table, each row from the run "
+                   "with its median ratio, and report/write it as a run would")
     p.add_argument("--_worker", nargs=2, metavar=("SIDE", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.min_reps, args.max_reps, args.budget, args.rep_ms = 1, 2, 0.0, 0.0
+        args.gap_ms = 0.0
     return args
+
+
+def merge_runs(runs: list[dict]) -> tuple[list[dict], dict]:
+    """One result per row from several full runs (``--json`` files): the run whose
+    ours/lightly ratio is the row's median (the upper one of an even count; rows without
+    a lightly twin: by ours' median time), with that run's times and samples side by
+    side, and every run's ratio and ours' time in ``runs``. On a machine whose neighbours
+    slow it down in bursts (here 2–7× for seconds at a time, invisible to ``--wait-idle``),
+    a median over runs taken minutes apart is what a single run's median is within a
+    row. Rows in the first run's order; meta from the first run, with the dates merged."""
+    by_name: dict[str, list[dict]] = {}
+    for run in runs:
+        for r in run["rows"]:
+            by_name.setdefault(r["name"], []).append(r)
+
+    def key(r: dict) -> float:
+        if r.get("ratio") is not None:
+            return r["ratio"]
+        return r["sides"].get("ours", {}).get("median_ms", math.inf)
+
+    merged = []
+    for rs in by_name.values():
+        pick = sorted(rs, key=key)[len(rs) // 2]
+        merged.append({**pick, "runs": [{"ratio": r.get("ratio"), "ours_ms": r["sides"].get(
+            "ours", {}).get("median_ms")} for r in rs]})
+    meta = {k: v for k, v in runs[0].items() if k not in ("rows", "targets", "partial")}
+    meta["date"] = " + ".join(run.get("date", "?") for run in runs)
+    meta["merged_runs"] = len(runs)
+    return merged, meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1118,6 +1169,9 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         worker(args._worker[0], json.loads(args._worker[1]))
         return 0
+    if args.merge:
+        results, meta = merge_runs([json.loads(Path(f).read_text()) for f in args.merge])
+        return finish(results, meta, args)
     rows = quick_rows(all_rows()) if args.quick else all_rows()
     if args.rows:
         keys = [k.strip() for k in args.rows.split(",") if k.strip()]
@@ -1160,7 +1214,13 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "cpu": cpu_info(),
             "ours": versions.get("ours", {}), "lightly": versions.get("lightly", {}),
             "settings": {k: getattr(args, k) for k in
-                         ("threads", "budget", "min_reps", "max_reps", "rep_ms", "quick")}}
+                         ("threads", "budget", "min_reps", "max_reps", "rep_ms", "gap_ms",
+                          "quick")}}
+    return finish(results, meta, args)
+
+
+def finish(results: list[dict], meta: dict, args: argparse.Namespace) -> int:
+    """Checks the targets, prints the report and writes the ``--json/--md/--png`` files."""
     targets = check_targets(results) + check_quality(results)
     print(report(results, meta, targets))
     for path, text in ((args.json, lambda: json.dumps(

@@ -68,3 +68,38 @@ def test_retrace_counter_sees_a_drifting_state(bench):
     assert bench.count_retraces(loss, (jnp.ones(3),), (jnp.ones(3),), True) >= 1
     same = lambda x, state: (jnp.sum(x * state), state + 1)
     assert bench.count_retraces(same, (jnp.ones(3),), (jnp.ones(3),), True) == 0
+
+
+def test_merge_picks_each_rows_median_run(bench, tmp_path, capsys):
+    """``--merge``: each row comes whole from the run with its median ratio (the upper
+    one of an even count; rows without lightly by ours' time), every run's figures are
+    kept, and the targets are checked on the merged table."""
+    code = bench.main(["--quick", "--no-lightly", "--rows", "ntxent b32",
+                       "--json", str(tmp_path / "one.json")])
+    assert code == 0
+    base = json.loads((tmp_path / "one.json").read_text())
+    row = base["rows"][0]
+
+    def run(ratio, ours_ms):
+        sides = {"ours": {**row["sides"]["ours"], "median_ms": ours_ms},
+                 "lightly": {"median_ms": ours_ms / ratio}}
+        reg = {**row, "name": "reg", "ratio": None, "sides": {"ours": sides["ours"]}}
+        return {**base, "rows": [{**row, "ratio": ratio, "sides": sides}, reg]}
+
+    paths = []
+    for i, (r, ms) in enumerate([(0.5, 5.0), (0.9, 1.0), (0.3, 3.0)]):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run(r, ms)))
+    out = tmp_path / "merged.json"
+    assert bench.main(["--merge", *map(str, paths), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    first, reg = merged["rows"]
+    assert first["ratio"] == 0.5 and first["sides"]["ours"]["median_ms"] == 5.0
+    assert [r["ratio"] for r in first["runs"]] == [0.5, 0.9, 0.3]
+    assert reg["sides"]["ours"]["median_ms"] == 3.0  # the median of 5, 1, 3 ms
+    assert merged["merged_runs"] == 3
+    assert any(t["target"].startswith("geometric mean") for t in merged["targets"])
+    assert "median ratio" in capsys.readouterr().out
+    # an even count takes the upper middle (the conservative one)
+    assert bench.main(["--merge", *map(str, paths[:2]), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["ratio"] == 0.9
