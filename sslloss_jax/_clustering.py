@@ -57,12 +57,13 @@ def sinkhorn(
     With ``stable=True`` (default) it never overflows, in >= float32: when the (global)
     range of ``S/ε`` fits the exponent range of the compute dtype (below 50 in float32,
     e.g. cosine scores with ε >= 0.04), it runs lightly's multiplicative algorithm on
-    ``exp(S/ε − max)`` (one ``exp`` pass, then matrix-vector products); otherwise it runs
-    in the log domain (an ``exp`` pass per half-iteration). Both are the same function
-    in exact arithmetic. ``stable=False`` runs lightly's unshifted algorithm
-    (``exp(S/ε)`` normalized by its total, then the loop): ``exp`` overflows to inf/NaN
-    once ``S/ε`` exceeds ~88 in float32 (e.g. cosine scores with ε < 0.012), and small
-    codes underflow.
+    ``exp(S/ε − max)`` (one ``exp`` pass, then matrix-vector products; past 32 MiB of
+    that array, sweeps over row blocks that recompute their ``exp`` once per round and
+    never store the whole); otherwise it runs in the log domain (an ``exp`` pass per
+    half-iteration). All are the same function in exact arithmetic. ``stable=False``
+    runs lightly's unshifted algorithm (``exp(S/ε)`` normalized by its total, then the
+    loop): ``exp`` overflows to inf/NaN once ``S/ε`` exceeds ~88 in float32 (e.g. cosine
+    scores with ε < 0.012), and small codes underflow.
 
     Args:
       scores: ``[batch, K]`` sample-prototype scores (stop-gradient them for SwaV codes).
@@ -157,6 +158,7 @@ def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None, sca
         top, bottom = top * scale, bottom * scale
     fits = top - bottom <= _SHIFTED_RANGE.get(jnp.dtype(dtype), 50.0)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
+
     def scaling(p):
         if blocked:
             return _sinkhorn_scaling_blocked(p, scale, shift, log_r, n, mask, iterations,
