@@ -18,7 +18,6 @@ from sslloss_jax._numerics import (
     argmax_first,
     l2_normalize,
     masked_logsumexp,
-    symmetric_lse,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -64,19 +63,6 @@ def _candidates(rows: jax.Array, view: jax.Array, sample: jax.Array, n: int,
     return mask
 
 
-def _self_candidates(n: int, exclude_positive: bool) -> jax.Array:
-    rows = jnp.arange(2 * n, dtype=jnp.int32)
-    return _candidates(rows, rows // n, rows % n, n, exclude_positive)
-
-
-def _self_lse(z: jax.Array, temperature: jax.Array, exclude_positive: bool) -> jax.Array:
-    """Row logsumexps of ``z zᵀ/τ`` over the candidates, for anchors = keys = ``z``
-    (``[z0; z1]``, 2N × D, on one device): :func:`symmetric_lse`, whose VJP needs one
-    matmul (2 instead of 3 matmuls of (2N)²·D in all). Also differentiable in τ."""
-    n = z.shape[0] // 2
-    return symmetric_lse(z, temperature, lambda _: _self_candidates(n, exclude_positive))
-
-
 def _two_view_contrastive(
     z0: jax.Array,
     z1: jax.Array,
@@ -94,9 +80,9 @@ def _two_view_contrastive(
     ``[z0_all; z1_all]`` except the anchor itself (and, if ``exclude_positive``, except its
     positive, which gives DCL's decoupled denominator). ``pos_weight`` (shape [2B])
     multiplies the positive term. Dense: logits are only ever (2B, 2N), local rows against
-    gathered columns; on one device the symmetric custom VJP of :func:`_self_lse`. Tiled
-    (``implementation``): :mod:`sslloss_jax._tiled`, the symmetric kernel on one device and
-    the ring under ``axis_name``.
+    gathered columns. On one device :func:`sslloss_jax._tiled.self_lse`: the symmetric
+    one-product VJP, dense or tiled (``implementation``); under ``axis_name`` tiled is
+    the ring of :mod:`sslloss_jax._tiled`.
     """
     b = z0.shape[0]
     n = b * coll.axis_size(axis_name)
@@ -105,17 +91,14 @@ def _two_view_contrastive(
     rows = jnp.arange(2 * b, dtype=jnp.int32)
     view = rows // b
     sample = coll.axis_index(axis_name) * b + rows % b  # global sample index of each anchor
-    if tiled.use_tiled(implementation, block_size, 2 * b, 2 * n):
-        ids = tiled.Rows(ids=view * n + sample, pos=(1 - view) * n + sample)
-        if axis_name is None:
-            lse, _ = tiled.tiled_self_lse(anchors, 1.0 / t, ids, exclude_pos=exclude_positive,
-                                          block_size=block_size)
-        else:
-            lse, _ = tiled.tiled_lse(anchors / t, anchors, ids, tiled.Rows(ids=ids.ids),
-                                     exclude_self=True, exclude_pos=exclude_positive,
-                                     block_size=block_size, axis_name=axis_name)
-    elif axis_name is None:
-        lse = _self_lse(anchors, t, exclude_positive)
+    ids = tiled.Rows(ids=view * n + sample, pos=(1 - view) * n + sample)
+    if axis_name is None:
+        lse = tiled.self_lse(anchors, t, ids, exclude_pos=exclude_positive,
+                             implementation=implementation, block_size=block_size)
+    elif tiled.use_tiled(implementation, block_size, 2 * b, 2 * n):
+        lse, _ = tiled.tiled_lse(anchors / t, anchors, ids, tiled.Rows(ids=ids.ids),
+                                 exclude_self=True, exclude_pos=exclude_positive,
+                                 block_size=block_size, axis_name=axis_name)
     else:
         keys = jnp.concatenate([coll.all_gather(z0, axis_name), coll.all_gather(z1, axis_name)])
         mask = _candidates(rows, view, sample, n, exclude_positive)
@@ -531,7 +514,7 @@ def macl_loss(
     rows = jnp.arange(2 * b, dtype=jnp.int32)
     sample = coll.axis_index(axis_name) * b + rows % b
     if axis_name is None:  # anchors = keys: the symmetric one-product VJP
-        lse = _self_lse(anchors, t, False)
+        lse = tiled.self_lse(anchors, t, tiled.Rows(ids=rows), implementation="dense")
     else:
         lse = masked_logsumexp((anchors @ keys.T) / t,
                                _candidates(rows, rows // b, sample, n, False), axis=1)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from sslloss_jax import _collectives as coll
+from sslloss_jax._numerics import symmetric_lse
 from sslloss_jax._types import AxisName
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "use_tiled",
     "tiled_lse",
     "tiled_self_lse",
+    "self_lse",
     "tiled_log_sigmoid_sum",
 ]
 
@@ -400,6 +402,38 @@ def tiled_self_lse(
     qm = _query_meta(rows, n, cfg)
     km = _key_meta(rows, n, cfg)
     return _self_vjp(cfg, z, scale, qm, km)
+
+
+def self_lse(
+    z: jax.Array,
+    temperature: jax.Array,
+    rows: Rows,
+    *,
+    exclude_pos: bool = False,
+    implementation: str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """Row logsumexps of ``z zᵀ/τ`` with queries = keys = ``z`` on one device, every row
+    excluded from the rows sharing its ``rows.ids`` (itself; a whole class when ids
+    repeat) and, with ``exclude_pos``, from ``rows.pos``: :func:`tiled_self_lse` past the
+    ``implementation``'s size, else the dense :func:`symmetric_lse` with the same mask
+    (one product for the VJP either way). Differentiable in ``τ``."""
+    if use_tiled(implementation, block_size, z.shape[0], z.shape[0]):
+        return tiled_self_lse(z, 1.0 / temperature, rows, exclude_pos=exclude_pos,
+                              block_size=block_size)[0]
+    ids = jnp.arange(z.shape[0], dtype=jnp.int32) if rows.ids is None else rows.ids
+    return symmetric_lse(z, temperature, _dense_self_mask,
+                         (ids, rows.pos if exclude_pos else None))
+
+
+def _dense_self_mask(ids_pos: tuple[jax.Array, jax.Array | None]) -> jax.Array:
+    """:func:`_masks`' candidates for queries = keys with ids ``ids`` (and positives
+    ``pos``, or None)."""
+    ids, pos = ids_pos
+    cand = ids[None, :] != ids[:, None]
+    if pos is not None:
+        cand &= ids[None, :] != pos[:, None]
+    return cand
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
