@@ -379,9 +379,9 @@ FLOOR_NOTES = {
     "proj_lse": "anchors·protosᵀ logsumexp forward and backward, exp of targets·protosᵀ",
     "slices": "projections X·A forward and backward, with one cos and one sin of every "
               "projection forward and backward (SIGReg, LeJEPA: the other knots follow by "
-              "angle addition) or one single-operand int32 sort of every slice along its "
-              "view's batch (VISReg; the loss's exact argsort takes one such sort and a "
-              "fix-up)",
+              "angle addition) or one int32 sort of every slice along its view's batch "
+              "(VISReg: the bitonic network, in chunks of 512 slices; the loss's exact "
+              "argsort takes one such sort, a gather and a fix-up check)",
     "kernel": "per-image token kernels of both sides and the backward product",
 }
 REGISTRY_FLOORS = {
@@ -472,11 +472,17 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
         s = 4096 if visreg else 1024
         a = jax.random.normal(jax.random.key(1), (x.shape[-1], s), x.dtype)
         if visreg:  # the shape term sorts every slice's projections along its view's batch
-            def g(x, a):  # one plain integer sort (XLA:CPU's fastest) feeding the backward
-                p, vjp = jax.vjp(lambda x: jnp.einsum("vnd,ds->vsn", x, a),
-                                 x.reshape(-1, row.batch, x.shape[-1]))
-                keys = lax.sort(lax.bitcast_convert_type(p, jnp.int32), dimension=2)
-                return vjp(keys.astype(p.dtype))
+            from sslloss_jax._numerics import _bitonic_sort
+
+            def chunk(x, a_c):  # one integer sort (the bitonic network) feeding the backward
+                p, vjp = jax.vjp(lambda x: jnp.einsum("vnd,ds->vns", x, a_c), x)
+                keys = _bitonic_sort(lax.bitcast_convert_type(p, jnp.int32), 1)
+                return vjp(keys.astype(p.dtype))[0]
+
+            def g(x, a):  # in chunks of 512 slices, as the loss (no 32 MiB array)
+                x = x.reshape(-1, row.batch, x.shape[-1])
+                chunks = a.reshape(a.shape[0], -1, 512).transpose(1, 0, 2)
+                return lax.map(lambda a_c: chunk(x, a_c), chunks).sum(0)
         else:  # the other knots' cos/sin follow by angle addition (multiply-adds)
             g = jax.grad(lambda x, a: jnp.sum(jnp.cos(x @ a)) + jnp.sum(jnp.sin(x @ a)))
         fn, args = g, (x, a)

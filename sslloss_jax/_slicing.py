@@ -23,14 +23,15 @@ from jax.scipy.special import ndtri
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
+from sslloss_jax._collectives import match_vma
 from sslloss_jax._numerics import (
-    argsort_stable,
     broadcast_leading,
     compute_dtype,
     l2_normalize,
     mean_leading,
-    permute_last,
     safe_sqrt,
+    sort_and_argsort,
+    unpermute,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -474,6 +475,75 @@ class VISRegTerms(NamedTuple):
     center: jax.Array
 
 
+#: bytes of one chunk of VISReg's sorted projections ``[V, N, slices]``: the slices are
+#: taken in chunks this size, so no slice-sized array reaches the ~31 MiB past which
+#: XLA:CPU page-faults its buffers on every call
+_SLICE_CHUNK_BYTES = 4 << 20
+
+
+def _sorted_chunk(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: bool):
+    """One chunk of slices ``a [D, S_c]``: the sum of ``(sorted(z_v a_s) − q)²`` over
+    views, slices and ranks, and (``with_grad``) its gradient in ``z``."""
+    p = jnp.einsum("vnd,ds->vns", z, a, precision=_HIGHEST)  # sorted along n, lanes s
+    p_sorted, order = sort_and_argsort(p, axis=1)
+    r = p_sorted - quantiles[None, :, None]
+    sse = jnp.sum(jnp.square(r))
+    if not with_grad:
+        return sse, None
+    return sse, jnp.einsum("vns,ds->vnd", unpermute(2.0 * r, order, axis=1), a,
+                           precision=_HIGHEST)
+
+
+def _sorted_slices(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: bool):
+    """:func:`_sorted_chunk` summed over chunks of :data:`_SLICE_CHUNK_BYTES` (a scan over
+    the full chunks, then the rest)."""
+    v, n, _ = z.shape
+    num = a.shape[1]
+    size = max(8, _SLICE_CHUNK_BYTES // (v * n * z.dtype.itemsize) // 8 * 8)
+    full = num // size if num > size else 0
+    sse = jnp.zeros((), z.dtype)
+    dz = jnp.zeros_like(z) if with_grad else None
+    if full:
+        chunks = a[:, : full * size].reshape(a.shape[0], full, size).transpose(1, 0, 2)
+
+        def body(carry, a_c):
+            c_sse, c_dz = _sorted_chunk(z, a_c, quantiles, with_grad)
+            return (carry[0] + c_sse, None if c_dz is None else carry[1] + c_dz), None
+
+        (sse, dz), _ = lax.scan(body, (sse, dz), chunks)
+    if full * size < num:
+        c_sse, c_dz = _sorted_chunk(z, a[:, full * size:], quantiles, with_grad)
+        sse = sse + c_sse
+        dz = None if c_dz is None else dz + c_dz
+    return sse, dz
+
+
+@jax.custom_vjp
+def _sorted_slice_sse(z: jax.Array, a: jax.Array, quantiles: jax.Array) -> jax.Array:
+    r"""``Σ_{v, s, i} (sort(z_v a_s)_i − q_i)²``: ``z [V, N, D]``, unit slices ``a [D, S]``,
+    quantiles ``q [N]``; ``a`` and ``q`` get no gradient.
+
+    The projections are made, sorted and reduced per chunk of slices (the ``[V, S, N]``
+    array is never whole), and the gradient in ``z``, ``Σ_s unsort(2 r_s) a_sᵀ``, is
+    accumulated in the same pass: the residual is ``[V, N, D]`` instead of every slice's
+    sort order. Under plain evaluation only the sum is computed.
+    """
+    return _sorted_slices(z, a, quantiles, False)[0]
+
+
+def _sorted_slice_sse_fwd(z, a, quantiles):
+    sse, dz = _sorted_slices(z, a, quantiles, True)
+    return sse, (dz, a, quantiles)
+
+
+def _sorted_slice_sse_bwd(res, g):
+    dz, a, quantiles = res
+    return match_vma(g * dz, dz), jnp.zeros_like(a), jnp.zeros_like(quantiles)
+
+
+_sorted_slice_sse.defvjp(_sorted_slice_sse_fwd, _sorted_slice_sse_bwd)
+
+
 def visreg_terms(
     local_proj: ArrayLike | Sequence[ArrayLike],
     global_proj: ArrayLike | Sequence[ArrayLike],
@@ -567,14 +637,9 @@ def visreg_terms(
     e = jnp.asarray(eps).astype(dtype)
     z_norm = (z - mean) / (lax.stop_gradient(std) + e)
     a = unit_slices(key, slices, z.shape[-1], num_slices, dtype, num_name="num_slices")
-    # [V, S, N]: each slice's projections contiguous along the batch, sorted there (the
-    # permutation from integer-key sorts, the values gathered: the gradient of the sort).
-    projections = jnp.einsum("vnd,ds->vsn", z_norm, a, precision=_HIGHEST)
-    order = argsort_stable(lax.stop_gradient(projections))
-    projections = permute_last(projections, order)
     positions = np.arange(1, n_global + 1, dtype=np.float64) / (n_global + 1)
-    quantiles = ndtri(jnp.asarray(positions, dtype)).reshape(1, 1, n_global)
-    shape = jnp.mean(jnp.square(projections - quantiles))
+    quantiles = ndtri(jnp.asarray(positions, dtype))
+    shape = _sorted_slice_sse(z_norm, a, quantiles) / (z.shape[0] * num_slices * n_global)
 
     cast = lambda v: jnp.asarray(v).astype(dtype)  # noqa: E731
     lam = cast(lambda_param)

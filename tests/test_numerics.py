@@ -2,6 +2,8 @@
 reductions are jnp.sum / jnp.max with jnp.sum's gradient, the radix argsort is
 jnp.argsort(stable=True), and sym_gram's one-product VJP is autodiff's of z @ z.T."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +22,11 @@ from sslloss_jax._numerics import (
     permute_last,
     scaled_logsumexp,
     soft_cross_entropy,
+    sort_and_argsort,
     sum_leading,
     sym_gram,
     symmetric_lse,
+    unpermute,
 )
 from tests._harness import assert_matches_reference
 
@@ -117,6 +121,82 @@ def test_permute_last_value_and_gradients(flat, monkeypatch):
         w = jnp.asarray(rng.standard_normal(x.shape))
         assert_matches_reference(lambda x: permute_last(x, perm),
                                  lambda x: jnp.take_along_axis(x, perm, axis=-1), (x,), w)
+
+
+@pytest.mark.parametrize("n", [2, 3, 6, 255, 256, 300, 5000])
+@pytest.mark.parametrize("lanes", [(8,), (3, 5)])
+def test_argsort_stable_along_a_middle_axis(n, lanes):
+    """The bitonic network (the axes after the sorted one hold >= 8 lanes), padded to a
+    power of two, gives jnp.argsort's order and jnp.sort's values, special values
+    included; with fewer lanes lax.sort runs along the axis."""
+    rng = np.random.default_rng(n)
+    base = _with_special_values(rng.standard_normal((5, n)))
+    scales = rng.standard_normal(math.prod(lanes)).reshape(lanes)  # both signs
+    x = jnp.asarray(base.reshape(5, n, *(1,) * len(lanes)) * scales, jnp.float32)
+    want = jnp.argsort(x, axis=1, stable=True)
+    np.testing.assert_array_equal(argsort_stable(x, axis=1), want)
+    values, order = jax.jit(sort_and_argsort, static_argnums=1)(x, 1)
+    np.testing.assert_array_equal(order, want)
+    np.testing.assert_array_equal(values, jnp.sort(x, axis=1))  # NaNs compare equal here
+    few = x[:, :, :1]  # fewer lanes: lax.sort along the middle axis
+    np.testing.assert_array_equal(argsort_stable(few, axis=1),
+                                  jnp.argsort(few, axis=1, stable=True))
+
+
+def test_argsort_stable_middle_axis_settles_near_ties_float64_and_vmap():
+    """Keys one ulp apart along the sorted axis: the transposition rounds and (a long
+    descending run) the radix passes, both in the bitonic layout; vmap; float64."""
+    n = 300
+    ulps = np.float32(1.0) + np.arange(n, dtype=np.float32) * np.spacing(np.float32(1.0))
+    few = ulps.copy()
+    few[1::5], few[2::5] = ulps[2::5][: len(few[1::5])], ulps[1::5][: len(few[2::5])]
+    x = jnp.asarray(np.stack([few, ulps[::-1], np.where(np.arange(n) % 2, ulps, -ulps)] * 3,
+                             axis=-1))  # [n, 9]
+    want = jnp.argsort(x, axis=0, stable=True)
+    np.testing.assert_array_equal(argsort_stable(x, axis=0), want)
+    np.testing.assert_array_equal(jax.jit(argsort_stable, static_argnums=1)(x, 0), want)
+    xb = jnp.stack([x, -x])
+    np.testing.assert_array_equal(jax.vmap(lambda c: argsort_stable(c, axis=0))(xb),
+                                  jnp.argsort(xb, axis=1, stable=True))
+    with jax.enable_x64(True):
+        x64 = _with_special_values(np.random.default_rng(3).standard_normal((5, 300))).T
+        x64 = jnp.asarray(np.concatenate([x64, -x64], axis=1))  # [300, 10]
+        values, order = sort_and_argsort(x64, axis=0)
+        np.testing.assert_array_equal(order, jnp.argsort(x64, axis=0, stable=True))
+        np.testing.assert_array_equal(values, jnp.sort(x64, axis=0))
+        assert values.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 100])
+def test_bitonic_sort_equals_lax_sort(n):
+    rng = np.random.default_rng(n)
+    info = np.iinfo(np.int32)
+    x = rng.integers(-50, 50, (3, n, 8), dtype=np.int32)  # many equal values
+    x[0, 0, :2] = [info.max, info.min]  # the padding value itself is a legal input
+    x = jnp.asarray(x)
+    np.testing.assert_array_equal(_numerics._bitonic_sort(x, 1), lax_sort(x, 1))
+    np.testing.assert_array_equal(jax.jit(_numerics._bitonic_sort, static_argnums=1)(x, 0),
+                                  lax_sort(x, 0))
+
+
+def lax_sort(x, axis):
+    return jax.lax.sort(x, dimension=axis)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_unpermute_inverts_take_along_axis(flat, axis, monkeypatch):
+    if not flat:
+        monkeypatch.setattr(_numerics, "_FLAT_INDEX_MAX", 0)
+    rng = np.random.default_rng(4)
+    g = jnp.asarray(rng.standard_normal((3, 4, 7)))
+    perm = jnp.asarray(np.argsort(rng.standard_normal(g.shape), axis=axis), jnp.int32)
+    out = unpermute(g, perm, axis)
+    np.testing.assert_array_equal(jnp.take_along_axis(out, perm, axis=axis), g)
+    # the transpose of the gather: <take(x, perm), g> == <x, unpermute(g, perm)>
+    x = jnp.asarray(rng.standard_normal(g.shape))
+    np.testing.assert_allclose(jnp.vdot(jnp.take_along_axis(x, perm, axis=axis), g),
+                               jnp.vdot(x, out), rtol=1e-6)
 
 
 def test_argsort_stable_rejects_integers():

@@ -88,6 +88,43 @@ def test_visreg_closed_forms():
     np.testing.assert_allclose(S.visreg_loss([], glob, KEY, num_slices=4), terms.total)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_visreg_shape_in_slice_chunks_matches_the_plain_formula(chunk_bytes, monkeypatch):
+    """The shape term's chunked sort (8-slice chunks: a scan of 4 and a tail of 5; or one
+    chunk) and the gradient it accumulates in the forward equal autodiff of jnp.sort."""
+    from jax.scipy.special import ndtri
+
+    from sslloss_jax import _slicing
+
+    monkeypatch.setattr(_slicing, "_SLICE_CHUNK_BYTES", chunk_bytes)
+    draws = np.random.RandomState(5).standard_normal((4, 37))
+
+    def reference(z):
+        mean = jnp.mean(z, axis=1, keepdims=True)
+        std = jnp.sqrt(jnp.mean(jnp.square(z - mean), axis=1, keepdims=True))
+        zn = (z - mean) / (jax.lax.stop_gradient(std) + 1e-4)
+        a = draws / jnp.linalg.norm(draws, axis=0, keepdims=True)
+        p = jnp.sort(jnp.einsum("vnd,ds->vsn", zn, a), axis=-1)
+        q = ndtri(jnp.asarray(np.arange(1, z.shape[1] + 1) / (z.shape[1] + 1.0)))
+        return jnp.mean(jnp.square(p - q[None, None, :]))
+
+    with jax.enable_x64(True):
+        z = jnp.asarray(np.random.RandomState(6).standard_normal((3, 9, 4)))
+        shape = lambda z: S.visreg_terms(z[1:], z[:1], slices=draws, num_slices=37).shape  # noqa: E731
+        np.testing.assert_allclose(shape(z), reference(z), rtol=1e-12)
+        np.testing.assert_allclose(jax.jit(shape)(z), reference(z), rtol=1e-12)
+        # the gradient through sg(σ) (so no finite differences here) against autodiff
+        np.testing.assert_allclose(jax.jit(jax.grad(shape))(z), jax.grad(reference)(z),
+                                   rtol=1e-10, atol=1e-13)
+        # the primitive itself (no stop-gradient inside): finite differences too
+        a = draws / np.linalg.norm(draws, axis=0, keepdims=True)
+        q = ndtri(jnp.asarray(np.arange(1, 10) / 10.0))
+        assert_matches_reference(
+            lambda z: _slicing._sorted_slice_sse(z, jnp.asarray(a), q),
+            lambda z: jnp.sum(jnp.square(jnp.sort(jnp.einsum("vnd,ds->vsn", z, a), axis=-1)
+                                         - q[None, None, :])), (z,), 1.0)
+
+
 # ----------------------------------------------------------------------------- degenerate
 def test_zero_variance_gradients_are_finite():
     z = randn(2, (2, 6, 4)).at[:, :, 1].set(0.5)  # one constant feature
