@@ -468,13 +468,33 @@ def cross_diag(a: jax.Array, b: jax.Array) -> jax.Array:
 def nuclear_norm(x: jax.Array) -> jax.Array:
     """Σ σ_i(x), the nuclear norm over the last two axes (batched), in >= float32.
 
-    Singular values only (``compute_uv=False``): their JVP is ``diag(Uᵀ dX V)``, i.e. the
-    gradient is ``U Vᵀ``, with none of the ``1/(σ_i² − σ_j²)`` factors of the singular
-    vectors' derivative. It is therefore finite at repeated singular values and at
-    ``x = 0`` (where it is a valid subgradient, ``‖U Vᵀ‖₂ <= 1``).
+    Differentiated through the singular values only: the JVP is ``Σ (U Vᵀ) ⊙ dX``
+    (``diag(Uᵀ dX V)`` summed), i.e. the gradient is ``U Vᵀ``, with none of the
+    ``1/(σ_i² − σ_j²)`` factors of the singular vectors' derivative. It is therefore
+    finite at repeated singular values and at ``x = 0`` (where it is a valid subgradient,
+    ``‖U Vᵀ‖₂ <= 1``). Plain evaluation computes the singular values only; under
+    differentiation one thin SVD with vectors, of the tall orientation (the transpose of
+    a wide matrix), gives both: autodiff of ``svd(compute_uv=False)`` cost 2.4× more for
+    MMCR's ``[256, 128]`` centroids and 1.6× for its ``[256, 4, 128]`` samples (jax 0.10,
+    2 cores).
     """
     (x,) = upcast(x)
+    return _nuclear_norm(x)
+
+
+@jax.custom_jvp
+def _nuclear_norm(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.linalg.svd(x, compute_uv=False), axis=-1)
+
+
+@_nuclear_norm.defjvp
+def _nuclear_norm_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    wide = x.shape[-2] < x.shape[-1]
+    u, s, vt = jnp.linalg.svd(jnp.swapaxes(x, -1, -2) if wide else x, full_matrices=False)
+    polar = jnp.matmul(u, vt, precision=lax.Precision.HIGHEST)
+    polar = jnp.swapaxes(polar, -1, -2) if wide else polar
+    return jnp.sum(s, axis=-1), jnp.sum(polar * dx, axis=(-2, -1))
 
 
 @jax.custom_vjp

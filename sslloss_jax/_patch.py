@@ -18,7 +18,15 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import argmin_first, l2_normalize, safe_norm, safe_sqrt, sym_gram, upcast
+from sslloss_jax._numerics import (
+    argmin_first,
+    l2_normalize,
+    nuclear_norm,
+    safe_norm,
+    safe_sqrt,
+    sym_gram,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["patch_kernel_alignment_loss", "dse_regularizer", "roi_resample_to_grid"]
@@ -224,11 +232,6 @@ def _kmeans(x: jax.Array, init: jax.Array, key: jax.Array | None, iters: int, to
     return c, argmin_first(_sq_dists(x, c), axis=1)
 
 
-def _svd_sum(m: jax.Array) -> jax.Array:
-    """Σ singular values of the trailing matrices (finite gradient: no U/V terms)."""
-    return jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
-
-
 def _cluster_singular_sums(x: jax.Array, labels: jax.Array, k: int):
     """Per cluster of ``x [P, D]``: the centered singular sum / sqrt(max(n − 1, D)) and
     whether it counts (n > 1). ``([K], [K] bool)``."""
@@ -238,7 +241,7 @@ def _cluster_singular_sums(x: jax.Array, labels: jax.Array, k: int):
     mean = jnp.matmul(member, x, precision=_HIGHEST) / jnp.maximum(n, 1.0)[:, None]
     centered = member[:, :, None] * (x[None] - mean[:, None, :])  # [K, P, D]
     denom = jnp.sqrt(jnp.maximum(n - 1.0, float(d)))
-    return _svd_sum(centered) / denom, n > 1
+    return nuclear_norm(centered) / denom, n > 1
 
 
 def dse_regularizer(

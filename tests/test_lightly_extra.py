@@ -158,6 +158,23 @@ def test_nuclear_norm_matches_numpy():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 6), (6, 4), (2, 5, 5)])
+def test_nuclear_norm_derivatives_are_those_of_the_singular_values(shape):
+    """The custom JVP (one thin SVD of the tall orientation, ``U Vᵀ``) against autodiff of
+    ``svd(compute_uv=False)``, in both modes and by finite differences (float64)."""
+    from sslloss_jax._numerics import nuclear_norm
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape))
+        reference = lambda x: jnp.sum(jnp.linalg.svd(x, compute_uv=False), axis=-1)  # noqa: E731
+        w = jnp.asarray(np.random.default_rng(1).standard_normal(shape[:-2]))
+        assert_matches_reference(nuclear_norm, reference, (x,), w)
+        check_grads(nuclear_norm, (x,), order=1, modes=["fwd"])
+        dx = jnp.ones_like(x)
+        np.testing.assert_allclose(jax.jvp(nuclear_norm, (x,), (dx,))[1],
+                                   jax.jvp(reference, (x,), (dx,))[1], rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------- DetCon
 def test_detcon_float16_is_finite_and_close_to_float32():
     """lightly subtracts 1e9 (inf in float16); the where mask has no large constant."""
