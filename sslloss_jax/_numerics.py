@@ -40,7 +40,6 @@ __all__ = [
     "nuclear_norm",
     "argsort_stable",
     "sort_and_argsort",
-    "permute_last",
     "unpermute",
     "sym_gram",
     "matmul_nt",
@@ -558,23 +557,8 @@ def _sym_gram_bwd(z, g):
 sym_gram.defvjp(_sym_gram_fwd, _sym_gram_bwd)
 
 
-#: Largest array :func:`permute_last`'s VJP addresses by flat int32 positions.
+#: Largest array :func:`unpermute` addresses by flat int32 positions.
 _FLAT_INDEX_MAX = 2**31 - 1
-
-
-@jax.custom_vjp
-def permute_last(x: jax.Array, perm: jax.Array) -> jax.Array:
-    """``jnp.take_along_axis(x, perm, axis=-1)`` for ``perm`` a permutation of each row
-    (e.g. from :func:`argsort_stable`); ``perm`` gets no gradient.
-
-    The VJP writes each cotangent to its source position (:func:`unpermute`). Rows that
-    are not permutations give undefined gradients.
-    """
-    return jnp.take_along_axis(x, perm, axis=-1)
-
-
-def _permute_last_fwd(x, perm):
-    return permute_last(x, perm), perm
 
 
 def unpermute(g: jax.Array, perm: jax.Array, axis: int = -1) -> jax.Array:
@@ -602,11 +586,6 @@ def unpermute(g: jax.Array, perm: jax.Array, axis: int = -1) -> jax.Array:
     return out.reshape(g.shape)
 
 
-def _permute_last_bwd(perm, g):
-    return unpermute(g, perm, -1), None
-
-
-permute_last.defvjp(_permute_last_fwd, _permute_last_bwd)
 
 
 def _order_keys(x: jax.Array) -> jax.Array:

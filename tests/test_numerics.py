@@ -19,7 +19,6 @@ from sslloss_jax._numerics import (
     cross_view_entropy,
     matmul_nt,
     mean_leading,
-    permute_last,
     scaled_logsumexp,
     soft_cross_entropy,
     sort_and_argsort,
@@ -106,21 +105,6 @@ def test_argsort_stable_float64_batched_and_vmapped():
         want = jnp.argsort(x, axis=-1, stable=True)
         np.testing.assert_array_equal(argsort_stable(x), want)
         np.testing.assert_array_equal(jax.vmap(argsort_stable)(x), want)
-
-
-@pytest.mark.parametrize("flat", [True, False])
-def test_permute_last_value_and_gradients(flat, monkeypatch):
-    """``take_along_axis`` by per-row permutations; the VJP's flat unique scatter (and the
-    batched scatter-add used past int32 positions) against autodiff of the gather."""
-    if not flat:
-        monkeypatch.setattr(_numerics, "_FLAT_INDEX_MAX", 0)
-    with jax.enable_x64(True):
-        rng = np.random.default_rng(9)
-        x = jnp.asarray(rng.standard_normal((3, 4, 7)))
-        perm = jnp.asarray(np.argsort(rng.standard_normal(x.shape), axis=-1))
-        w = jnp.asarray(rng.standard_normal(x.shape))
-        assert_matches_reference(lambda x: permute_last(x, perm),
-                                 lambda x: jnp.take_along_axis(x, perm, axis=-1), (x,), w)
 
 
 @pytest.mark.parametrize("n", [2, 3, 6, 255, 256, 300, 5000])
