@@ -1236,7 +1236,12 @@ def finish(results: list[dict], meta: dict, args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text())
     if args.png:
-        plot(results, args.png)
+        try:
+            plot(results, args.png)
+        except ImportError as e:  # the oracle venv has no matplotlib: keep the other outputs
+            print(f"no PNG ({e}); plot from an environment with matplotlib: "
+                  f"`python benchmarks/run.py --merge {args.json or 'RUN.json'} --png "
+                  f"{args.png}`", file=sys.stderr)
     return 0
 
 
