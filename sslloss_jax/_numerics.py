@@ -739,8 +739,8 @@ def sort_and_argsort(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array
         return jnp.take_along_axis(x, order, axis=axis % x.ndim), order
     width = 8 * ftype.itemsize
     utype = jnp.uint32 if width == 32 else jnp.uint64
-    u = lax.bitcast_convert_type(keys, utype) ^ jnp.asarray(1 << (width - 1), utype)
     sign = jnp.asarray(1 << (width - 1), utype)
+    u = lax.bitcast_convert_type(keys, utype) ^ sign  # back to the unsigned order keys
     u = jnp.where(u & sign, u ^ sign, ~u)  # the inverse of _order_keys
     return lax.bitcast_convert_type(u, ftype).astype(x.dtype), order
 

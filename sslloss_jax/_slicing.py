@@ -537,12 +537,12 @@ def _sorted_slice_sse(z: jax.Array, a: jax.Array, quantiles: jax.Array) -> jax.A
 
 def _sorted_slice_sse_fwd(z, a, quantiles):
     sse, dz = _sorted_slices(z, a, quantiles, True)
-    return sse, (dz, a, quantiles)
+    return sse, (z, dz, a, quantiles)
 
 
 def _sorted_slice_sse_bwd(res, g):
-    dz, a, quantiles = res
-    return match_vma(g * dz, dz), jnp.zeros_like(a), jnp.zeros_like(quantiles)
+    z, dz, a, quantiles = res
+    return match_vma(g * dz, z), jnp.zeros_like(a), jnp.zeros_like(quantiles)
 
 
 _sorted_slice_sse.defvjp(_sorted_slice_sse_fwd, _sorted_slice_sse_bwd)

@@ -427,13 +427,12 @@ def self_lse(
 
 
 def _dense_self_mask(ids_pos: tuple[jax.Array, jax.Array | None]) -> jax.Array:
-    """:func:`_masks`' candidates for queries = keys with ids ``ids`` (and positives
-    ``pos``, or None)."""
+    """:func:`_masks`' candidates for the whole ``N × N`` matrix, queries = keys with ids
+    ``ids`` (and positives ``pos``, or None): the tiled kernel's rule, so both paths
+    exclude the same pairs."""
     ids, pos = ids_pos
-    cand = ids[None, :] != ids[:, None]
-    if pos is not None:
-        cand &= ids[None, :] != pos[:, None]
-    return cand
+    cfg = _Cfg(True, pos is not None, False, False, ids.shape[0], None)
+    return _masks((ids, pos, None), (ids, None), ids.shape[0], cfg)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
