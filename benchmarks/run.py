@@ -676,6 +676,21 @@ def time_calls(step: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def warm_up_calls(step: Callable[[], object], seconds: float) -> int:
+    """How many untimed calls of ``step`` fill about ``seconds`` (0 for a call longer).
+
+    Each repetition starts with that many calls, after the quiet gap and before the timed
+    calls, so that each side is timed in the steady state of a training loop. After the
+    other side's repetition and the gap, a runtime whose idle threads sleep rather than
+    spin runs slower for a while (2-vCPU VM, 2026-12-05: ours TiCo b256 d256 took
+    0.80-0.84 ms per call against 0.62-0.65 ms with 100-200 ms of warm-up calls, and about
+    0.64 ms alone back to back; NT-Xent b256 1.7 against 1.1-1.2 ms; lightly's rows moved
+    by up to 10%, PaKa 7.4 against 6.2-6.6 ms; a single-threaded numpy loop shows no such
+    effect). A call longer than ``seconds`` amortizes the wake-up by itself.
+    """
+    return int(seconds / time_calls(step, 1)) if seconds > 0 else 0
+
+
 def warm_allocator() -> None:
     """Frees one mapped 31 MiB block, so glibc's dynamic mmap threshold starts near its
     32 MiB maximum, as in a training process that has long held and freed large arrays.
@@ -721,6 +736,7 @@ def worker(side: str, config: dict) -> None:
         inner = lambda call: max(1, min(config["max_inner"],
                                         math.ceil(config["rep_s"] / time_calls(call, 1))))
         info["inner"] = inner(step)  # second call: warm-up, sizes the repetitions
+        info["warm_calls"] = warm_up_calls(step, config["warmup_s"])
         if floor is not None:
             floor()
             info["floor_inner"] = inner(floor)
@@ -729,10 +745,14 @@ def worker(side: str, config: dict) -> None:
         return
     send(info)
     for _ in sys.stdin:  # one repetition of the loss, then one of its floor (same process)
+        t0 = time.perf_counter()
+        for _ in range(info["warm_calls"]):
+            step()
+        warm_s = time.perf_counter() - t0
         msg = {"s": time_calls(step, info["inner"])}
         if floor is not None:
             msg["floor_s"] = time_calls(floor, info["floor_inner"])
-        send(msg)
+        send({**msg, "warm_s": warm_s})
 
 
 # --------------------------------------------------------------------------------------------
@@ -808,12 +828,14 @@ def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_rep
     samples (and those of its floor program, where it reports one).
 
     Every repetition starts after ``gap_s`` seconds of quiet, so the other side's runtime
-    threads have gone idle: torch's OpenMP workers spin-wait after each parallel region,
+    threads have gone idle (then the worker's own untimed warm-up calls,
+    :func:`warm_up_calls`): torch's OpenMP workers spin-wait after each parallel region,
     and back to back they took CPU from the next repetition (SwaV with its queue: ours
     87 ms right after lightly's repetitions, 34 ms alone or after a 50 ms gap).
 
     Stops after ``max_reps`` rounds, or after ``min_reps`` rounds once some side has spent
-    ``budget_s`` seconds. Each rep returns ``{"s": seconds per call, "floor_s"?: ...}``.
+    ``budget_s`` seconds in timed calls. Each rep returns ``{"s": seconds per call,
+    "floor_s"?: ..., "warm_s"?: seconds of its untimed warm-up calls}``.
     """
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in reps}
     spent = dict.fromkeys(reps, 0.0)
@@ -821,9 +843,10 @@ def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_rep
         for key, rep in reps.items():
             time.sleep(gap_s)
             t0 = time.perf_counter()
-            for what, sec in rep().items():
+            got = rep()
+            spent[key] += time.perf_counter() - t0 - got.pop("warm_s", 0.0)
+            for what, sec in got.items():
                 samples[key].setdefault(what, []).append(sec)
-            spent[key] += time.perf_counter() - t0
         if n >= min_reps and max(spent.values()) >= budget_s:
             break
     out: dict[str, dict] = {}
@@ -840,7 +863,8 @@ def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_rep
 def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
     """Measures one row on every side in ``pythons``; drops a side whose import fails."""
     config = {"row": dataclasses.asdict(row), "threads": args.threads,
-              "rep_s": args.rep_ms / 1e3, "max_inner": args.max_inner}
+              "rep_s": args.rep_ms / 1e3, "max_inner": args.max_inner,
+              "warmup_s": args.warmup_ms / 1e3}
     workers: dict[str, Worker] = {}
     results: dict[str, dict] = {}
     try:
@@ -1123,6 +1147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-ms", type=float, default=50.0,
                    help="idle time before each repetition, so the other side's threads have "
                    "stopped spinning (default 50)")
+    p.add_argument("--warmup-ms", type=float, default=100.0,
+                   help="untimed calls of the same side for about this long after the gap and "
+                   "before each repetition (steady state; default 100)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each row, wait up to S seconds for other processes to go idle")
     p.add_argument("--retry-busy", type=int, default=0, metavar="N",
@@ -1137,7 +1164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.min_reps, args.max_reps, args.budget, args.rep_ms = 1, 2, 0.0, 0.0
-        args.gap_ms = 0.0
+        args.gap_ms = args.warmup_ms = 0.0
     return args
 
 
@@ -1221,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours": versions.get("ours", {}), "lightly": versions.get("lightly", {}),
             "settings": {k: getattr(args, k) for k in
                          ("threads", "budget", "min_reps", "max_reps", "rep_ms", "gap_ms",
-                          "quick")}}
+                          "warmup_ms", "quick")}}
     return finish(results, meta, args)
 
 
