@@ -380,7 +380,7 @@ FLOOR_NOTES = {
     "slices": "projections X·A forward and backward, with one cos and one sin of every "
               "projection forward and backward (SIGReg, LeJEPA: the other knots follow by "
               "angle addition) or one int32 sort of every slice along its view's batch "
-              "(VISReg: the bitonic network, in chunks of 512 slices; the loss's exact "
+              "(VISReg: the bitonic network, in the loss's chunks of slices; the loss's exact "
               "argsort takes one such sort, a gather and a fix-up check)",
     "kernel": "per-image token kernels of both sides and the backward product",
 }
@@ -479,10 +479,15 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
                 keys = _bitonic_sort(lax.bitcast_convert_type(p, jnp.int32), 1)
                 return vjp(keys.astype(p.dtype))[0]
 
-            def g(x, a):  # in chunks of 512 slices, as the loss (no 32 MiB array)
+            def g(x, a):  # in the loss's chunks of slices
+                from sslloss_jax._slicing import slice_chunk
+
                 x = x.reshape(-1, row.batch, x.shape[-1])
-                chunks = a.reshape(a.shape[0], -1, 512).transpose(1, 0, 2)
-                return lax.map(lambda a_c: chunk(x, a_c), chunks).sum(0)
+                size = slice_chunk(x.shape[0], row.batch, x.dtype)
+                full = a.shape[1] // size
+                chunks = a[:, :full * size].reshape(a.shape[0], full, size).transpose(1, 0, 2)
+                out = lax.map(lambda a_c: chunk(x, a_c), chunks).sum(0)
+                return out if full * size == a.shape[1] else out + chunk(x, a[:, full * size:])
         else:  # the other knots' cos/sin follow by angle addition (multiply-adds)
             g = jax.grad(lambda x, a: jnp.sum(jnp.cos(x @ a)) + jnp.sum(jnp.sin(x @ a)))
         fn, args = g, (x, a)

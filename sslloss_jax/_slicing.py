@@ -480,9 +480,18 @@ class VISRegTerms(NamedTuple):
 
 
 #: bytes of one chunk of VISReg's sorted projections ``[V, N, slices]``: the slices are
-#: taken in chunks this size, so no slice-sized array reaches the ~31 MiB past which
-#: XLA:CPU page-faults its buffers on every call
-_SLICE_CHUNK_BYTES = 4 << 20
+#: taken in chunks this size, so that XLA:CPU's temporaries (about 12 chunks: the sorting
+#: network's keys and indices with their copies) stay under the ~31 MiB past which glibc
+#: maps them afresh and every page faults on every call. 2+6 crops of 256 × 128:
+#: 28 MiB and 81 ms with 2 MiB chunks, 50 MiB (12,000 faults per call) and 103 ms with
+#: 4 MiB, 17 MiB and 83 ms with 1 MiB.
+_SLICE_CHUNK_BYTES = 2 << 20
+
+
+def slice_chunk(views: int, batch: int, dtype) -> int:
+    """Slices per chunk of :func:`_sorted_slices` for ``[views, batch, ·]`` data (a
+    multiple of 8)."""
+    return max(8, _SLICE_CHUNK_BYTES // (views * batch * jnp.dtype(dtype).itemsize) // 8 * 8)
 
 
 def _sorted_chunk(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: bool):
@@ -503,7 +512,7 @@ def _sorted_slices(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: 
     the full chunks, then the rest)."""
     v, n, _ = z.shape
     num = a.shape[1]
-    size = max(8, _SLICE_CHUNK_BYTES // (v * n * z.dtype.itemsize) // 8 * 8)
+    size = slice_chunk(v, n, z.dtype)
     full = num // size if num > size else 0
     sse = jnp.zeros((), z.dtype)
     dz = jnp.zeros_like(z) if with_grad else None
