@@ -689,8 +689,8 @@ def warm_up_calls(step: Callable[[], object], seconds: float) -> int:
     other side's repetition and the gap, a runtime whose idle threads sleep rather than
     spin runs slower for a while (2-vCPU VM, 2026-12-05: ours TiCo b256 d256 took
     0.80-0.84 ms per call against 0.62-0.65 ms with 100-200 ms of warm-up calls, and about
-    0.64 ms alone back to back; NT-Xent b256 1.7 against 1.1-1.2 ms; lightly's rows moved
-    by up to 10%, PaKa 7.4 against 6.2-6.6 ms; a single-threaded numpy loop shows no such
+    0.64 ms alone back to back; NT-Xent b256 1.7 against 1.1-1.2 ms; lightly's rows less
+    so, but PaKa 7.4 against 6.2-6.6 ms; a single-threaded numpy loop shows no such
     effect). A call longer than ``seconds`` amortizes the wake-up by itself.
     """
     return int(seconds / time_calls(step, 1)) if seconds > 0 else 0

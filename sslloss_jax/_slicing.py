@@ -488,7 +488,7 @@ class VISRegTerms(NamedTuple):
 _SLICE_CHUNK_BYTES = 2 << 20
 
 
-def slice_chunk(views: int, batch: int, dtype) -> int:
+def slice_chunk(views: int, batch: int, dtype: jax.typing.DTypeLike) -> int:
     """Slices per chunk of :func:`_sorted_slices` for ``[views, batch, ·]`` data (a
     multiple of 8)."""
     return max(8, _SLICE_CHUNK_BYTES // (views * batch * jnp.dtype(dtype).itemsize) // 8 * 8)
