@@ -480,14 +480,13 @@ def floor_step(row: Row, diff: tuple, rest: tuple) -> Callable[[], object] | Non
                 return vjp(keys.astype(p.dtype))[0]
 
             def g(x, a):  # in the loss's chunks of slices
-                from sslloss_jax._slicing import slice_chunk
+                from sslloss_jax._slicing import split_slices
 
                 x = x.reshape(-1, row.batch, x.shape[-1])
-                size = slice_chunk(x.shape[0], row.batch, x.dtype)
-                full = a.shape[1] // size
-                chunks = a[:, :full * size].reshape(a.shape[0], full, size).transpose(1, 0, 2)
-                out = lax.map(lambda a_c: chunk(x, a_c), chunks).sum(0)
-                return out if full * size == a.shape[1] else out + chunk(x, a[:, full * size:])
+                chunks, rest = split_slices(a, x.shape[0], row.batch, x.dtype)
+                parts = [] if chunks is None else [lax.map(lambda a_c: chunk(x, a_c),
+                                                           chunks).sum(0)]
+                return sum(parts + ([] if rest is None else [chunk(x, rest)]))
         else:  # the other knots' cos/sin follow by angle addition (multiply-adds)
             g = jax.grad(lambda x, a: jnp.sum(jnp.cos(x @ a)) + jnp.sum(jnp.sin(x @ a)))
         fn, args = g, (x, a)
@@ -681,8 +680,9 @@ def time_calls(step: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def warm_up_calls(step: Callable[[], object], seconds: float) -> int:
-    """How many untimed calls of ``step`` fill about ``seconds`` (0 for a call longer).
+def warm_up_calls(call_s: float, seconds: float) -> int:
+    """How many untimed calls of ``call_s`` seconds each fill about ``seconds`` (0 for a
+    call longer).
 
     Each repetition starts with that many calls, after the quiet gap and before the timed
     calls, so that each side is timed in the steady state of a training loop. After the
@@ -693,7 +693,7 @@ def warm_up_calls(step: Callable[[], object], seconds: float) -> int:
     so, but PaKa 7.4 against 6.2-6.6 ms; a single-threaded numpy loop shows no such
     effect). A call longer than ``seconds`` amortizes the wake-up by itself.
     """
-    return int(seconds / time_calls(step, 1)) if seconds > 0 else 0
+    return int(seconds / call_s) if seconds > 0 else 0
 
 
 def warm_allocator() -> None:
@@ -738,13 +738,14 @@ def worker(side: str, config: dict) -> None:
         floor = extra.pop("floor_call", None)
         _, peak_mib = peak_mib_of(step)  # first call after compilation, fresh process
         info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib}
-        inner = lambda call: max(1, min(config["max_inner"],
-                                        math.ceil(config["rep_s"] / time_calls(call, 1))))
-        info["inner"] = inner(step)  # second call: warm-up, sizes the repetitions
-        info["warm_calls"] = warm_up_calls(step, config["warmup_s"])
+        inner = lambda call_s: max(1, min(config["max_inner"],
+                                          math.ceil(config["rep_s"] / call_s)))
+        call_s = time_calls(step, 1)  # second call: sizes the repetitions and warm-ups
+        info["inner"] = inner(call_s)
+        info["warm_calls"] = warm_up_calls(call_s, config["warmup_s"])
         if floor is not None:
             floor()
-            info["floor_inner"] = inner(floor)
+            info["floor_inner"] = inner(time_calls(floor, 1))
     except Exception as err:  # reported to the parent
         send({"error": f"{type(err).__name__}: {err}", "stage": "setup"})
         return
@@ -833,10 +834,11 @@ def median_time(reps: dict[str, Callable[[], dict]], *, budget_s: float, min_rep
     samples (and those of its floor program, where it reports one).
 
     Every repetition starts after ``gap_s`` seconds of quiet, so the other side's runtime
-    threads have gone idle (then the worker's own untimed warm-up calls,
-    :func:`warm_up_calls`): torch's OpenMP workers spin-wait after each parallel region,
+    threads have gone idle: torch's OpenMP workers spin-wait after each parallel region,
     and back to back they took CPU from the next repetition (SwaV with its queue: ours
-    87 ms right after lightly's repetitions, 34 ms alone or after a 50 ms gap).
+    87 ms right after lightly's repetitions, 34 ms alone or after a 50 ms gap). The
+    worker then makes its untimed warm-up calls (:func:`warm_up_calls`) before the timed
+    ones.
 
     Stops after ``max_reps`` rounds, or after ``min_reps`` rounds once some side has spent
     ``budget_s`` seconds in timed calls. Each rep returns ``{"s": seconds per call,

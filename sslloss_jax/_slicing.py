@@ -488,10 +488,18 @@ class VISRegTerms(NamedTuple):
 _SLICE_CHUNK_BYTES = 2 << 20
 
 
-def slice_chunk(views: int, batch: int, dtype: jax.typing.DTypeLike) -> int:
-    """Slices per chunk of :func:`_sorted_slices` for ``[views, batch, ·]`` data (a
-    multiple of 8)."""
-    return max(8, _SLICE_CHUNK_BYTES // (views * batch * jnp.dtype(dtype).itemsize) // 8 * 8)
+def split_slices(a: jax.Array, views: int, batch: int, dtype: jax.typing.DTypeLike
+                 ) -> tuple[jax.Array | None, jax.Array | None]:
+    """The slices ``a [D, S]`` in chunks of :data:`_SLICE_CHUNK_BYTES` of ``[views, batch]``
+    projections (a multiple of 8 slices): ``(chunks [full, D, size], rest [D, S − full·size])``,
+    either None when empty (all of ``a`` is the rest when it fits in one chunk). Shared by
+    VISReg's shape term and the benchmark's floor of it."""
+    size = max(8, _SLICE_CHUNK_BYTES // (views * batch * jnp.dtype(dtype).itemsize) // 8 * 8)
+    num = a.shape[1]
+    full = num // size if num > size else 0
+    chunks = (a[:, : full * size].reshape(a.shape[0], full, size).transpose(1, 0, 2)
+              if full else None)
+    return chunks, (a[:, full * size:] if full * size < num else None)
 
 
 def _sorted_chunk(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: bool):
@@ -510,22 +518,18 @@ def _sorted_chunk(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: b
 def _sorted_slices(z: jax.Array, a: jax.Array, quantiles: jax.Array, with_grad: bool):
     """:func:`_sorted_chunk` summed over chunks of :data:`_SLICE_CHUNK_BYTES` (a scan over
     the full chunks, then the rest)."""
-    v, n, _ = z.shape
-    num = a.shape[1]
-    size = slice_chunk(v, n, z.dtype)
-    full = num // size if num > size else 0
+    chunks, rest = split_slices(a, z.shape[0], z.shape[1], z.dtype)
     sse = jnp.zeros((), z.dtype)
     dz = jnp.zeros_like(z) if with_grad else None
-    if full:
-        chunks = a[:, : full * size].reshape(a.shape[0], full, size).transpose(1, 0, 2)
+    if chunks is not None:
 
         def body(carry, a_c):
             c_sse, c_dz = _sorted_chunk(z, a_c, quantiles, with_grad)
             return (carry[0] + c_sse, None if c_dz is None else carry[1] + c_dz), None
 
         (sse, dz), _ = lax.scan(body, (sse, dz), chunks)
-    if full * size < num:
-        c_sse, c_dz = _sorted_chunk(z, a[:, full * size:], quantiles, with_grad)
+    if rest is not None:
+        c_sse, c_dz = _sorted_chunk(z, rest, quantiles, with_grad)
         sse = sse + c_sse
         dz = None if c_dz is None else dz + c_dz
     return sse, dz
