@@ -1,11 +1,18 @@
-"""CPU benchmark of sslloss_jax against lightly (PyTorch): forward + backward time, compile
-time and peak memory per (loss, shape) row. See benchmarks/README.md.
+"""Benchmark of sslloss_jax against lightly (PyTorch) on the CPU (default) or a GPU
+(``--platform gpu``): forward + backward time, compile time and peak memory per (loss, shape)
+row. See benchmarks/README.md.
 
 Design: for each row, one fresh worker process per side (``--_worker``) imports its framework,
 builds the inputs and the jitted (or eager) forward+backward step, measures the peak RSS of
 one call, warms up, and then answers "run one repetition" requests over a pipe. The parent
 alternates the two workers (ours, lightly, ours, lightly, ...), so machine noise hits both
 sides alike, and reports medians. Only one worker computes at a time.
+
+On a GPU (``--platform gpu``) both sides run there: JAX without preallocation, lightly's
+modules and inputs moved to CUDA and each step synchronized; memory is the device's peak
+above what was in use before the call (inputs included), not the host's RSS. The two
+workers of a row set up at the same time (the host has cores to spare) and are then timed
+one after the other as on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import datetime
 import json
 import math
 import os
-import platform
+import platform as host
 import re
 import resource
 import statistics
@@ -265,16 +272,25 @@ def make_inputs(row: Row) -> dict:
     raise ValueError(kind)
 
 
-def import_ours(threads: int) -> dict:
+def import_ours(threads: int, platform: str = "cpu") -> dict:
     import jax
     import jaxlib
 
     import sslloss_jax
 
+    try:
+        backend = jax.default_backend()
+    except Exception as err:  # JAX_PLATFORMS=cuda without a CUDA plugin: a bare assert
+        raise RuntimeError(f"JAX has no {platform} backend (JAX_PLATFORMS="
+                           f"{os.environ.get('JAX_PLATFORMS')}): {type(err).__name__} "
+                           f"{err}") from err
+    if platform == "gpu" and backend != "gpu":
+        raise RuntimeError(f"--platform gpu, but JAX's default backend is {backend!r}")
     x = jax.numpy.ones((512, 512))  # start XLA's thread pool before measuring memory
     jax.block_until_ready(jax.jit(lambda x: jax.numpy.tanh(x @ x).sum())(x))
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "sslloss_jax": sslloss_jax.__version__, "backend": jax.default_backend()}
+            "sslloss_jax": sslloss_jax.__version__, "backend": backend,
+            **({"device": jax.devices()[0].device_kind} if platform == "gpu" else {})}
 
 
 def ours_step(row: Row, arrays: dict):
@@ -542,7 +558,8 @@ def count_retraces(fn, diff: tuple, rest: tuple, has_aux: bool, steps: int = 3) 
     return traces - 1
 
 
-def build_ours(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
+def build_ours(row: Row, arrays: dict, platform: str = "cpu"  # noqa: ARG001 (JAX's default
+               ) -> tuple[Callable[[], object], dict]:  # device is the platform's)
     import jax
 
     fn, diff, rest, has_aux = ours_step(row, arrays)
@@ -565,10 +582,12 @@ def build_ours(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
     return call, {**info, "floor_call": floor}
 
 
-def import_lightly(threads: int) -> dict:
+def import_lightly(threads: int, platform: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    if platform == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("--platform gpu, but torch.cuda.is_available() is False")
     if (ORACLE / "lightly_shim.py").is_file():  # lightly.loss needs a torchvision stub here
         sys.path.insert(0, str(ORACLE))
         import lightly_shim
@@ -577,16 +596,25 @@ def import_lightly(threads: int) -> dict:
     import lightly
     import lightly.loss.hypersphere_loss  # noqa: F401
 
-    x = torch.ones(512, 512)  # start the OpenMP threads before measuring memory
-    torch.tanh(x @ x).sum()
+    x = torch.ones(512, 512, device=torch_device(platform))  # start the OpenMP threads
+    torch.tanh(x @ x).sum().item()  # (or CUDA's context) before measuring memory
     return {"torch": torch.__version__, "lightly": lightly.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            **({"device": torch.cuda.get_device_name()} if platform == "gpu" else {})}
 
 
-def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
+def torch_device(platform: str):
+    import torch
+
+    return torch.device("cuda" if platform == "gpu" else "cpu")
+
+
+def build_lightly(row: Row, arrays: dict, platform: str = "cpu"
+                  ) -> tuple[Callable[[], object], dict]:
     """lightly's module called as its users do; ``.backward()`` into the inputs that get a
     gradient on our side. Stateful modules (DINO's center, TiCo's C) update on every call,
-    as ours return their new state."""
+    as ours return their new state. On a GPU the module (its buffers: centers, memory
+    banks) and the inputs live there and each step ends with a synchronize."""
     import operator
 
     import lightly.loss
@@ -604,8 +632,11 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
     kwargs.update(shape_kwargs(row))
     if spec.lightly.startswith("lejepa_loss."):
         import lightly.loss.lejepa_loss  # noqa: F401
+    device = torch_device(platform)
     criterion = operator.attrgetter(spec.lightly)(lightly.loss)(**kwargs)
-    t = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    if isinstance(criterion, torch.nn.Module):
+        criterion = criterion.to(device)
+    t = {k: torch.from_numpy(v.copy()).to(device) for k, v in arrays.items()}
     if spec.kind in ("pair", "tico", "mmcr"):
         a, b = ("online", "momentum") if spec.kind == "mmcr" else ("x0", "x1")
         leaves = [t[a], t[b]]
@@ -648,6 +679,8 @@ def build_lightly(row: Row, arrays: dict) -> tuple[Callable[[], object], dict]:
         for leaf in leaves:  # as optimizer.zero_grad(set_to_none=True)
             leaf.grad = None
         call().sum().backward()  # SwaV returns shape (1,)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return step, {}
 
@@ -664,12 +697,34 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_mib_of(fn: Callable[[], T]) -> tuple[T, float]:
-    """``fn()`` and its peak RSS increase (MiB) over the RSS just before it."""
-    reset_peak_rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def peak_mib_of(fn: Callable[[], T], side: str = "ours", platform: str = "cpu"
+                ) -> tuple[T, float]:
+    """``fn()`` and its peak memory increase (MiB) over the memory in use just before it:
+    on the CPU the process's RSS; on a GPU the device memory of the side's allocator.
+
+    torch's peak counter is reset first; JAX's (``peak_bytes_in_use``) cannot be, so ours
+    is the peak since the worker started, which the retrace count's calls of the same step
+    have already reached: for the first call after compilation, that is its own peak."""
+    if platform == "cpu":
+        reset_peak_rss()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        out = fn()
+        return out, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    if side == "ours":
+        import jax
+
+        device = jax.local_devices()[0]
+        before = device.memory_stats()["bytes_in_use"]
+        out = fn()
+        return out, (device.memory_stats()["peak_bytes_in_use"] - before) / 2**20
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     out = fn()
-    return out, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    torch.cuda.synchronize()
+    return out, (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def time_calls(step: Callable[[], object], n: int) -> float:
@@ -721,22 +776,24 @@ def worker(side: str, config: dict) -> None:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
+    platform = config["platform"]
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > config["threads"]:  # same number of cores for XLA and torch
+    if platform == "cpu" and len(cpus) > config["threads"]:  # same cores for XLA and torch
         os.sched_setaffinity(0, cpus[: config["threads"]])
     sys.path.insert(0, str(REPO))
     import_side, build = SIDES[side]
     try:
-        versions = import_side(config["threads"])
+        versions = import_side(config["threads"], platform)
     except Exception as err:  # reported to the parent
         send({"error": f"{type(err).__name__}: {err}", "stage": "import"})
         return
     try:
         row = Row(**{**config["row"], "crops": tuple(config["row"]["crops"])})
         arrays = {} if row.registry else make_inputs(row)
-        (step, extra), setup_mib = peak_mib_of(lambda: build(row, arrays))
+        (step, extra), setup_mib = peak_mib_of(lambda: build(row, arrays, platform), side,
+                                               platform)
         floor = extra.pop("floor_call", None)
-        _, peak_mib = peak_mib_of(step)  # first call after compilation, fresh process
+        _, peak_mib = peak_mib_of(step, side, platform)  # first call after compilation
         info = {"versions": versions, **extra, "setup_peak_mib": setup_mib, "peak_mib": peak_mib}
         inner = lambda call_s: max(1, min(config["max_inner"],
                                           math.ceil(config["rep_s"] / call_s)))
@@ -771,14 +828,28 @@ class WorkerError(RuntimeError):
         self.stage = stage
 
 
-class Worker:
-    """A ``--_worker`` child process for one (side, row); ``rep()`` times one repetition."""
+def worker_env(platform: str) -> dict[str, str]:
+    """A worker's environment: this repo importable and JAX on ``platform``; on a GPU, JAX
+    allocates as it goes instead of taking 75% of the device up front, which the lightly
+    worker beside it needs."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    env["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[platform]
+    if platform == "gpu":
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
 
-    def __init__(self, python: str, side: str, config: dict, timeout: float = 600.0):
+
+class Worker:
+    """A ``--_worker`` child process for one (side, row); ``rep()`` times one repetition.
+    With ``wait=False`` the constructor only starts it: :meth:`wait_ready` then waits for
+    its set-up (so several workers can set up at once)."""
+
+    def __init__(self, python: str, side: str, config: dict, timeout: float = 600.0,
+                 wait: bool = True):
         self.timeout = timeout
         self.log = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        env = worker_env(config["platform"])
         try:
             self.proc = subprocess.Popen(
                 [python, str(Path(__file__).resolve()), "--_worker", side, json.dumps(config)],
@@ -787,6 +858,12 @@ class Worker:
         except OSError as err:
             self.log.close()
             raise WorkerError(str(err), "import") from err
+        self.info: dict = {}
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Waits for the worker's set-up report (``info``); closes it if it failed."""
         try:
             self.info = self._recv()
         except WorkerError:
@@ -871,22 +948,34 @@ def bench_row(row: Row, pythons: dict[str, str], args) -> dict[str, dict]:
     """Measures one row on every side in ``pythons``; drops a side whose import fails."""
     config = {"row": dataclasses.asdict(row), "threads": args.threads,
               "rep_s": args.rep_ms / 1e3, "max_inner": args.max_inner,
-              "warmup_s": args.warmup_ms / 1e3}
+              "warmup_s": args.warmup_ms / 1e3, "platform": args.platform}
     workers: dict[str, Worker] = {}
     results: dict[str, dict] = {}
+
+    def failed(side: str, err: WorkerError) -> None:
+        if err.stage == "import":
+            print(f"{side} not found ({pythons.pop(side)}): {err}", file=sys.stderr)
+        else:
+            results[side] = {"error": str(err)}
+            print(f"{row.name}: {side} failed: {err}", file=sys.stderr)
+
+    # On the CPU one worker sets up at a time (its compile time is measured on idle cores);
+    # on a GPU both at once, as the host has cores to spare.
+    at_once = args.platform != "cpu"
     try:
         for side, python in list(pythons.items()):
             if side == "lightly" and row.registry:
                 continue  # registry rows have no lightly twin
             try:
-                workers[side] = Worker(python, side, config, args.timeout)
+                workers[side] = Worker(python, side, config, args.timeout, wait=not at_once)
             except WorkerError as err:
-                if err.stage == "import":
-                    del pythons[side]
-                    print(f"{side} not found ({python}): {err}", file=sys.stderr)
-                else:
-                    results[side] = {"error": str(err)}
-                    print(f"{row.name}: {side} failed: {err}", file=sys.stderr)
+                failed(side, err)
+        for side, w in list(workers.items()) if at_once else ():
+            try:
+                w.wait_ready()
+            except WorkerError as err:
+                del workers[side]
+                failed(side, err)
         try:
             timed = median_time({s: w.rep for s, w in workers.items()}, budget_s=args.budget,
                                 min_reps=args.min_reps, max_reps=args.max_reps,
@@ -977,6 +1066,15 @@ def table_rows(results: list[dict]) -> list[tuple[str, ...]]:
     return rows
 
 
+def machine(meta: dict) -> str:
+    """Where the run ran: the CPU, and on a GPU run the GPU (memory columns are its)."""
+    cpu = f"{meta['cpu']['model']} ({meta['cpu']['cores']} cores)"
+    if meta["settings"].get("platform", "cpu") == "cpu":
+        return cpu
+    return (f"GPU {meta['ours'].get('device') or meta['lightly'].get('device', '?')} "
+            f"(memory columns: the device's peak above the inputs), host {cpu}")
+
+
 def merged_note(meta: dict) -> str:
     n = meta.get("merged_runs")
     return (f"; each row from the one of {n} full runs with the row's median ratio "
@@ -986,8 +1084,7 @@ def merged_note(meta: dict) -> str:
 def markdown(results: list[dict], meta: dict, targets: list[dict]) -> str:
     """The report as a markdown table (what the README quotes), then the floors and targets."""
     lines = [f"sslloss_jax benchmark, {meta['date']}: forward+backward, float32, "
-             f"{meta['cpu']['model']} ({meta['cpu']['cores']} cores), "
-             f"{meta['settings']['threads']} threads per side; "
+             f"{machine(meta)}, {meta['settings']['threads']} threads per side; "
              + ", ".join(f"{k} {v}" for k, v in {**meta["ours"], **meta["lightly"]}.items())
              + merged_note(meta),
              "", "| " + " | ".join(HEAD) + " |", "|---" + "|---:" * (len(HEAD) - 1) + "|"]
@@ -1044,9 +1141,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def report(results: list[dict], meta: dict, targets: list[dict]) -> str:
-    lines = [f"sslloss_jax benchmark {meta['date']}: forward+backward, float32, CPU",
-             f"cpu: {meta['cpu']['model']} ({meta['cpu']['cores']} cores), "
-             f"{meta['settings']['threads']} threads per side; python {meta['python']}"
+    lines = [f"sslloss_jax benchmark {meta['date']}: forward+backward, float32, "
+             f"{meta['settings'].get('platform', 'cpu').upper()}",
+             f"{machine(meta)}, {meta['settings']['threads']} threads per side; "
+             f"python {meta['python']}"
              + merged_note(meta),
              "ours: " + ", ".join(f"{k} {v}" for k, v in meta["ours"].items()),
              "lightly: " + (", ".join(f"{k} {v}" for k, v in meta["lightly"].items())
@@ -1107,14 +1205,14 @@ def wait_idle(max_s: float) -> None:
 
 
 def cpu_info() -> dict:
-    model = platform.processor() or platform.machine()
+    model = host.processor() or host.machine()
     try:
         found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
         model = found.group(1).strip() if found else model
     except OSError:
         pass
     return {"model": model, "cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform()}
+            "platform": host.platform()}
 
 
 def lightly_python(args) -> str | None:
@@ -1144,6 +1242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "side (default: this one, if it can import them)")
     p.add_argument("--no-lightly", action="store_true", help="time only sslloss_jax")
     p.add_argument("--threads", type=int, default=2, help="cores/threads per side (default 2)")
+    p.add_argument("--platform", choices=("cpu", "gpu"), default="cpu",
+                   help="where both sides run (default cpu); gpu: JAX on CUDA, lightly's "
+                   "modules and inputs moved to CUDA, device memory instead of RSS")
     p.add_argument("--budget", type=float, default=3.0,
                    help="stop once a side spent this many seconds (default 3)")
     p.add_argument("--min-reps", type=int, default=5)
@@ -1222,7 +1323,14 @@ def main(argv: list[str] | None = None) -> int:
     pythons = {"ours": sys.executable}
     if python := lightly_python(args):
         pythons["lightly"] = python
-    results, versions = [], {}
+    results: list[dict] = []
+    versions: dict[str, dict] = {}
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": host.python_version(), "cpu": cpu_info(),
+            "ours": {}, "lightly": {},
+            "settings": {k: getattr(args, k) for k in
+                         ("platform", "threads", "budget", "min_reps", "max_reps", "rep_ms",
+                          "gap_ms", "warmup_ms", "quick")}}
     bar = progress(rows)
     for i, row in enumerate(bar, 1):
         if hasattr(bar, "set_postfix_str"):
@@ -1237,25 +1345,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row.name}: machine busy during the row", file=sys.stderr)
         for side, res in sides.items():
             versions.setdefault(side, res.pop("versions", {}))
+        meta.update(ours=versions.get("ours", {}), lightly=versions.get("lightly", {}))
         results.append({"name": row.name, **dataclasses.asdict(row), "ratio": ratio(sides),
                         "roofline": roofline(sides), "others_cpu": others_fraction(start),
                         "wall_s": time.perf_counter() - t0, "sides": sides})
         summary = ", ".join(f"{s} {v['median_ms']:.3f} ms" for s, v in sides.items()
                             if "median_ms" in v)
-        if args.json:  # after every row, so an interrupted run keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"partial": True, "rows": results}, indent=1))
+        if args.json:  # after every row, so an interrupted run keeps what it measured (and
+            args.json.parent.mkdir(parents=True, exist_ok=True)  # --merge can report it)
+            args.json.write_text(json.dumps({**meta, "partial": True, "rows": results},
+                                            indent=1))
         line = f"[{i}/{len(rows)}] {row.name}: {summary}"
         if hasattr(bar, "write"):  # above the progress bar, on stderr with it
             bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "python": platform.python_version(), "cpu": cpu_info(),
-            "ours": versions.get("ours", {}), "lightly": versions.get("lightly", {}),
-            "settings": {k: getattr(args, k) for k in
-                         ("threads", "budget", "min_reps", "max_reps", "rep_ms", "gap_ms",
-                          "warmup_ms", "quick")}}
     return finish(results, meta, args)
 
 

@@ -103,3 +103,34 @@ def test_merge_picks_each_rows_median_run(bench, tmp_path, capsys):
     # an even count takes the upper middle (the conservative one)
     assert bench.main(["--merge", *map(str, paths[:2]), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["rows"][0]["ratio"] == 0.9
+
+
+def test_gpu_platform_settings(bench):
+    """``--platform gpu``: JAX on CUDA without preallocation (lightly's worker shares the
+    device), both workers of a row set up at once, and the report names the GPU; the CPU
+    default pins JAX to the CPU. (The GPU run itself needs a GPU: benchmarks/README.)"""
+    assert bench.parse_args([]).platform == "cpu"
+    assert bench.parse_args(["--platform", "gpu"]).platform == "gpu"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--platform", "tpu"])
+    cpu, gpu = bench.worker_env("cpu"), bench.worker_env("gpu")
+    assert cpu["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_PREALLOCATE" not in cpu
+    assert gpu["JAX_PLATFORMS"] == "cuda" and gpu["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    meta = {"cpu": {"model": "host", "cores": 16}, "ours": {"device": "NVIDIA H100"},
+            "lightly": {}, "settings": {"platform": "gpu"}}
+    assert bench.machine(meta).startswith("GPU NVIDIA H100") and "host host" in bench.machine(meta)
+    assert bench.machine({**meta, "settings": {}}) == "host (16 cores)"
+
+
+def test_interrupted_run_can_be_reported(bench, tmp_path, monkeypatch):
+    """The JSON written after every row carries the run's meta, so ``--merge`` reports a
+    run cut short (as on a lent GPU machine's time limit)."""
+    part = tmp_path / "part.json"
+    with monkeypatch.context() as m:  # the run stops before its final report
+        m.setattr(bench, "finish", lambda *args: 0)
+        assert bench.main(["--quick", "--no-lightly", "--rows", "ntxent b32", "--json",
+                           str(part)]) == 0
+    data = json.loads(part.read_text())
+    assert data["partial"] and data["settings"]["platform"] == "cpu" and data["ours"]["jax"]
+    assert bench.main(["--merge", str(part), "--md", str(tmp_path / "part.md")]) == 0
+    assert "ntxent b32 d64" in (tmp_path / "part.md").read_text()
