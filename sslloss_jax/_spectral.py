@@ -89,6 +89,8 @@ def mmcr_loss(
 
     Gradients are finite at repeated singular values and at zero (the SVD is
     differentiated through its singular values only, :func:`~sslloss_jax._numerics.nuclear_norm`).
+    Each sample's ``[2k, dim]`` views are first reduced to their ``2k × 2k`` triangular
+    factor (for 2k <= 16 and 4k <= dim), whose batched SVD is cheap on a GPU too.
     No L2 normalization is applied (the paper normalizes the projections; do it in the
     model, as with lightly).
 
@@ -106,7 +108,8 @@ def mmcr_loss(
     val.check_same_shape(online, momentum, "online", "momentum")
     online, momentum = upcast(online, momentum)
     z = jnp.concatenate([online, momentum], axis=1)  # (B, 2k, D)
-    per_sample = coll.global_mean(jnp.sum(nuclear_norm(z)), z.shape[0], axis_name)
+    per_sample = coll.global_mean(jnp.sum(nuclear_norm(z, factor_short=True)), z.shape[0],
+                                  axis_name)
     centroids = coll.all_gather(jnp.mean(z, axis=1), axis_name)  # (N, D)
     return -_replicated(nuclear_norm(centroids), axis_name) + lam * per_sample
 

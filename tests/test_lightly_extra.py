@@ -4,6 +4,8 @@ DetCon's float16 masking), gradients at degenerate spectra, bad inputs and degen
 inputs. Float64 parity with the PyTorch code is in ``test_golden.py``; the generic
 properties and the distributed equivalence come from the registry."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,21 +160,56 @@ def test_nuclear_norm_matches_numpy():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 6), (6, 4), (2, 5, 5)])
+@pytest.mark.parametrize("shape", [(3, 4, 6), (6, 4), (2, 5, 5), (3, 2, 9), (7, 3),
+                                   (2, 4, 40)])
 def test_nuclear_norm_derivatives_are_those_of_the_singular_values(shape):
-    """The custom JVP (one thin SVD of the tall orientation, ``U Vᵀ``) against autodiff of
+    """The custom JVP (one thin SVD of the tall orientation, ``U Vᵀ``; for a short side of
+    at most half the long one, the SVD of the triangular factor) against autodiff of
     ``svd(compute_uv=False)``, in both modes and by finite differences (float64)."""
-    from sslloss_jax._numerics import nuclear_norm
+    from sslloss_jax._numerics import _oriented, nuclear_norm
+
+    assert _oriented(jnp.zeros(shape))[2] == (2 * min(shape[-2:]) <= max(shape[-2:]))
+    factored = functools.partial(nuclear_norm, factor_short=True)
 
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape))
         reference = lambda x: jnp.sum(jnp.linalg.svd(x, compute_uv=False), axis=-1)  # noqa: E731
         w = jnp.asarray(np.random.default_rng(1).standard_normal(shape[:-2]))
-        assert_matches_reference(nuclear_norm, reference, (x,), w)
-        check_grads(nuclear_norm, (x,), order=1, modes=["fwd"])
         dx = jnp.ones_like(x)
-        np.testing.assert_allclose(jax.jvp(nuclear_norm, (x,), (dx,))[1],
-                                   jax.jvp(reference, (x,), (dx,))[1], rtol=1e-10)
+        for fn in (nuclear_norm, factored):
+            assert_matches_reference(fn, reference, (x,), w)
+            check_grads(fn, (x,), order=1, modes=["fwd"])
+            np.testing.assert_allclose(jax.jvp(fn, (x,), (dx,))[1],
+                                       jax.jvp(reference, (x,), (dx,))[1], rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nuclear_norm_of_few_long_rows_is_exact_when_rank_deficient(dtype):
+    """The triangular-factor path (``factor_short``: MMCR's per-sample views) on collapsed
+    samples: repeated, proportional and zero rows. The value is numpy's to a few ulps of
+    ``‖x‖`` (no squared condition number, as a Gram-matrix eigenvalue form would have)
+    and the gradient is a unit-norm subgradient ``U Vᵀ`` of the nonzero part."""
+    from sslloss_jax._numerics import _row_qr, nuclear_norm
+
+    with jax.enable_x64(dtype == np.float64):
+        rng = np.random.default_rng(3)
+        a = rng.standard_normal((5, 1, 128))
+        x = np.concatenate([a, 2 * a, a + 1e-3 * rng.standard_normal(a.shape),
+                            np.zeros_like(a)], axis=1).astype(dtype)  # [5, 4, 128], rank 2
+        x[0] = 0.0
+        ref = np.linalg.norm(x.astype(np.float64), "nuc", axis=(1, 2))
+        nuc = functools.partial(nuclear_norm, factor_short=True)
+        got = np.asarray(nuc(jnp.asarray(x)), np.float64)
+        scale = np.linalg.norm(x.astype(np.float64), axis=(1, 2))
+        np.testing.assert_allclose(got, ref, atol=8 * np.finfo(dtype).eps * scale.max())
+        q, r = _row_qr(jnp.asarray(x))
+        np.testing.assert_allclose(np.swapaxes(r, -1, -2) @ q, x,
+                                   atol=8 * np.finfo(dtype).eps * scale.max())
+        g = np.asarray(jax.grad(lambda x: jnp.sum(nuc(x)))(jnp.asarray(x)))
+        assert np.all(np.isfinite(g)) and np.all(g[0] == 0)
+        # ‖U Vᵀ‖₂ <= 1 and <U Vᵀ, x> = ‖x‖_* (Euler: the norm is 1-homogeneous)
+        assert np.all(np.linalg.norm(g, 2, axis=(1, 2)) <= 1 + 1e-4)
+        np.testing.assert_allclose(np.sum(g * x, axis=(1, 2)), ref, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- DetCon
