@@ -9,10 +9,10 @@ alternates the two workers (ours, lightly, ours, lightly, ...), so machine noise
 sides alike, and reports medians. Only one worker computes at a time.
 
 On a GPU (``--platform gpu``) both sides run there: JAX without preallocation, lightly's
-modules and inputs moved to CUDA and each step synchronized; memory is the device's peak
-above what was in use before the call (inputs included), not the host's RSS. The two
-workers of a row set up at the same time (the host has cores to spare) and are then timed
-one after the other as on the CPU.
+modules and inputs moved to CUDA and each step synchronized; memory is the device's, not
+the host's RSS (lightly's peak above its inputs, ours XLA's temporaries and outputs: see
+:func:`peak_mib_of`). The two workers of a row set up at the same time (the host has cores
+to spare) and are then timed one after the other as on the CPU.
 """
 
 from __future__ import annotations
@@ -558,9 +558,11 @@ def count_retraces(fn, diff: tuple, rest: tuple, has_aux: bool, steps: int = 3) 
     return traces - 1
 
 
-def build_ours(row: Row, arrays: dict, platform: str = "cpu"  # noqa: ARG001 (JAX's default
-               ) -> tuple[Callable[[], object], dict]:  # device is the platform's)
+def build_ours(row: Row, arrays: dict, platform: str = "cpu"
+               ) -> tuple[Callable[[], object], dict]:
     import jax
+
+    del platform  # the worker's JAX_PLATFORMS (worker_env) makes it JAX's default device
 
     fn, diff, rest, has_aux = ours_step(row, arrays)
     args = (*diff, *rest)
@@ -1073,6 +1075,7 @@ def table_rows(results: list[dict], gpu: bool = False) -> list[tuple[str, ...]]:
 
 
 def on_gpu(meta: dict) -> bool:
+    """Whether the run (its ``--json`` meta) ran on a GPU; runs before the option: CPU."""
     return meta["settings"].get("platform", "cpu") == "gpu"
 
 
