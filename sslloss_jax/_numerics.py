@@ -512,7 +512,7 @@ def _row_qr(b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``b = Rᵀ Q`` for ``b [..., k, M]`` with small ``k``: ``Q [..., k, M]`` with
     orthonormal rows, ``R [..., k, k]`` upper triangular with a non-negative diagonal
     (``b``'s transpose is ``Qᵀ R``, its thin QR factorization), so ``R`` has ``b``'s
-    singular values. Classical Gram–Schmidt over the rows, each orthogonalized twice
+    singular values. Modified Gram–Schmidt over the rows, each orthogonalized twice
     ("twice is enough"): ``Q`` is orthonormal to working precision and ``R``'s singular
     values are ``b``'s to within a few ulps of ``‖b‖``. A row in the span of the earlier
     ones (a rank-deficient ``b``) gets ``R_ii`` of that order and a unit or zero row.
@@ -538,25 +538,34 @@ def _row_qr(b: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(qs, axis=-2), jnp.stack(cols, axis=-1)
 
 
+def _svd_operand(x: jax.Array, factor_short: bool
+                 ) -> tuple[jax.Array, jax.Array | None, bool]:
+    """``(m, q, tall)``: a matrix ``m`` with ``x``'s singular values whose SVD
+    ``m = U S Vᵀ`` gives ``x``'s polar factor, for ``b`` = ``x`` in its wide orientation
+    (``x = bᵀ`` where ``tall``): ``m = bᵀ`` (one thin SVD of the tall orientation, the
+    faster one), polar(b) = ``(U Vᵀ)ᵀ``; or, for a short side small enough,
+    ``m = R`` of :func:`_row_qr`'s ``b = Rᵀ Q``, polar(b) = ``(U Vᵀ)ᵀ Q``."""
+    b, tall, small = _oriented(x, factor_short)
+    if small:
+        q, r = _row_qr(b)
+        return r, q, tall
+    return jnp.swapaxes(b, -1, -2), None, tall
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _nuclear_norm(x: jax.Array, factor_short: bool) -> jax.Array:
-    b, _, small = _oriented(x, factor_short)
-    return jnp.sum(jnp.linalg.svd(_row_qr(b)[1] if small else b, compute_uv=False), axis=-1)
+    m, _, _ = _svd_operand(x, factor_short)
+    return jnp.sum(jnp.linalg.svd(m, compute_uv=False), axis=-1)
 
 
 @_nuclear_norm.defjvp
 def _nuclear_norm_jvp(factor_short, primals, tangents):
     (x,), (dx,) = primals, tangents
-    b, tall, small = _oriented(x, factor_short)
-    if small:  # b = Rᵀ Q = (V S Uᵀ) Q for R = U S Vᵀ: polar(b) = V Uᵀ Q
-        q, r = _row_qr(b)
-        u, s, vt = jnp.linalg.svd(r)
-        polar = jnp.matmul(jnp.matmul(jnp.swapaxes(vt, -1, -2), jnp.swapaxes(u, -1, -2),
-                                      precision=lax.Precision.HIGHEST),
-                           q, precision=lax.Precision.HIGHEST)
-    else:  # one thin SVD of the tall orientation, bᵀ = U S Vᵀ: polar(b) = V Uᵀ
-        u, s, vt = jnp.linalg.svd(jnp.swapaxes(b, -1, -2), full_matrices=False)
-        polar = jnp.swapaxes(jnp.matmul(u, vt, precision=lax.Precision.HIGHEST), -1, -2)
+    m, q, tall = _svd_operand(x, factor_short)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    polar = jnp.swapaxes(jnp.matmul(u, vt, precision=lax.Precision.HIGHEST), -1, -2)
+    if q is not None:
+        polar = jnp.matmul(polar, q, precision=lax.Precision.HIGHEST)
     polar = jnp.swapaxes(polar, -1, -2) if tall else polar
     return jnp.sum(s, axis=-1), jnp.sum(polar * dx, axis=(-2, -1))
 
