@@ -1,5 +1,6 @@
 """The CPU performance workarounds of _numerics are exact: the pairwise leading-axis
-reductions are jnp.sum / jnp.max with jnp.sum's gradient, the radix argsort is
+reductions are jnp.sum / jnp.max with jnp.sum's gradient, cosine_similarity's closed-form
+JVP is autodiff's of two l2_normalize calls, the radix argsort is
 jnp.argsort(stable=True), and sym_gram's one-product VJP is autodiff's of z @ z.T."""
 
 import math
@@ -16,7 +17,9 @@ from sslloss_jax._numerics import (
     argmin_first,
     argsort_stable,
     broadcast_leading,
+    cosine_similarity,
     cross_view_entropy,
+    l2_normalize,
     matmul_nt,
     mean_leading,
     scaled_logsumexp,
@@ -349,3 +352,56 @@ def test_custom_vjps_under_shard_map_with_replicated_operands(which):
                     argnums=(0, 2, 3))(x, y, t, w)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def _cosine_autodiff(x0, x1, axis=-1, eps=1e-8):
+    """The definition: autodiff through two torch-style normalizations."""
+    return jnp.sum(l2_normalize(x0, axis, eps) * l2_normalize(x1, axis, eps), axis=axis)
+
+
+def _cosine_cases():
+    rng = np.random.default_rng(7)
+    x0, x1 = rng.standard_normal((2, 6, 5))
+    x0[1] = 0.0  # a zero row: clamped, gradient x1/(eps·‖x1‖)
+    x0[2] *= 1e-3  # below eps: clamped, a constant norm
+    x1[3] = 2.0 * x0[3]  # parallel: cos = 1
+    x1[4] = -x0[4]
+    return x0, x1
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_cosine_similarity_closed_form_jvp_matches_autodiff_float64(axis):
+    with jax.enable_x64(True):
+        n0, n1 = _cosine_cases()
+        x0, x1 = jnp.asarray(n0), jnp.asarray(n1)
+        w = jnp.linspace(-1.0, 2.0, 6 if axis == -1 else 5)
+        ours = lambda a, b, e: jnp.sum(w * cosine_similarity(a, b, axis, e))
+        ref = lambda a, b, e: jnp.sum(w * _cosine_autodiff(a, b, axis, e))
+        for e in (1e-8, 1e-2):  # 1e-2 clamps the row scaled by 1e-3 (norm ~2e-3)
+            np.testing.assert_allclose(ours(x0, x1, e), ref(x0, x1, e), rtol=1e-13)
+            g_ours = jax.grad(ours, argnums=(0, 1, 2))(x0, x1, e)
+            g_ref = jax.grad(ref, argnums=(0, 1, 2))(x0, x1, e)
+            for a, b in zip(g_ours, g_ref, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+            assert all(bool(jnp.all(jnp.isfinite(g))) for g in g_ours)
+        # forward and reverse, second order, away from the clamp's kink
+        a, b = jnp.asarray(n0[[0, 3, 4, 5]]), jnp.asarray(n1[[0, 3, 4, 5]])
+        w4 = w[:4] if axis == -1 else w
+        check_grads(lambda a, b: jnp.sum(w4 * cosine_similarity(a, b, axis)), (a, b),
+                    order=2, modes=["fwd", "rev"])
+
+
+def test_cosine_similarity_broadcasts_upcasts_and_vmaps():
+    x0, x1 = (jnp.asarray(v, jnp.float32) for v in _cosine_cases())
+    ref = _cosine_autodiff(x0, x1[:1])
+    np.testing.assert_allclose(cosine_similarity(x0, x1[:1]), ref, rtol=1e-6, atol=1e-7)
+    g = jax.grad(lambda b: jnp.sum(cosine_similarity(x0, b)))(x1[:1])
+    g_ref = jax.grad(lambda b: jnp.sum(_cosine_autodiff(x0, b)))(x1[:1])
+    assert g.shape == (1, 5)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    half = cosine_similarity(x0.astype(jnp.bfloat16), x1.astype(jnp.bfloat16))
+    assert half.dtype == jnp.float32
+    vm = jax.vmap(lambda a, b: cosine_similarity(a, b))(x0, x1)
+    np.testing.assert_allclose(vm, cosine_similarity(x0, x1), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(cosine_similarity)(x0, x1), cosine_similarity(x0, x1),
+                               rtol=1e-6)
