@@ -413,18 +413,25 @@ def swav_loss(
     """
     val.check_axis_name(axis_name)
     val.check_temperature(temperature)
-    high = val.stack_views(high_resolution_outputs, "high_resolution_outputs")
-    vh, b, k = high.shape
-    low = val.stack_views(low_resolution_outputs, "low_resolution_outputs")
-    if low.size and low.shape[1:] != (b, k):
+    # the crops stay blocks (one per array given), never concatenated: a copy of every
+    # crop's scores forward and of their gradients backward
+    high_blocks = val.view_blocks(high_resolution_outputs, "high_resolution_outputs")
+    if not high_blocks:
+        raise ValueError("high_resolution_outputs must hold at least one crop, got none")
+    b, k = high_blocks[0].shape[1:]
+    vh = sum(x.shape[0] for x in high_blocks)
+    low_blocks = val.view_blocks(low_resolution_outputs, "low_resolution_outputs")
+    if low_blocks and low_blocks[0].shape[1:] != (b, k):
         raise ValueError(
-            f"low_resolution_outputs views must have shape {(b, k)}, got {low.shape[1:]}")
-    n_crops = vh + low.shape[0]
+            f"low_resolution_outputs views must have shape {(b, k)}, got "
+            f"{low_blocks[0].shape[1:]}")
+    n_crops = vh + sum(x.shape[0] for x in low_blocks)
     if n_crops < 2:
         raise ValueError(f"swav_loss needs at least two crops in total, got {n_crops}")
-    # the crops stay two blocks (never concatenated: a copy of every crop's scores)
-    high32, *low32 = upcast(high, *((low,) if low.size else ()))
-    codes_high = lax.stop_gradient(high32)
+    blocks32 = upcast(*high_blocks, *low_blocks)
+    high32 = blocks32[:len(high_blocks)]
+    codes_high = lax.stop_gradient(
+        jnp.concatenate(high32) if len(high32) > 1 else high32[0])  # (V_h, B, K), no gradient
     codes_in: jax.Array | tuple[jax.Array, ...] = codes_high
     valid = None
     if queue_outputs is not None:
@@ -446,12 +453,12 @@ def swav_loss(
             valid = jnp.ones((b + qs,), bool).at[b:].set(jnp.broadcast_to(qv, (qs,)))
     val.check_temperature(sinkhorn_epsilon, "sinkhorn_epsilon", positive=True)
     val.check_int(sinkhorn_iterations, "sinkhorn_iterations", 0)
-    eps = jnp.asarray(sinkhorn_epsilon, high32.dtype)
-    codes = _sinkhorn(codes_in, jnp.zeros((k,), high32.dtype),
+    eps = jnp.asarray(sinkhorn_epsilon, codes_high.dtype)
+    codes = _sinkhorn(codes_in, jnp.zeros((k,), codes_high.dtype),
                       None if valid is None else jnp.broadcast_to(valid, (vh, valid.shape[0])),
                       sinkhorn_iterations, stable_sinkhorn, axis_name, rows=b,
                       scale=1 / eps)  # (V_h, B, K)
-    cross = cross_view_entropy((high32, *low32), codes, temperature)  # summed over pairs
+    cross = cross_view_entropy(blocks32, codes, temperature)  # summed over pairs
     return coll.global_mean(cross, b * (n_crops - 1) * vh, axis_name)
 
 

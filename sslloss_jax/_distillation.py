@@ -158,35 +158,41 @@ def dino_loss(
     val.check_temperature(teacher_temp, "teacher_temp")
     val.check_temperature(student_temp, "student_temp")
     val.check_in_range(center_momentum, "center_momentum", 0.0, 1.0)
-    t = val.stack_views(teacher_out, "teacher_out")
-    s = val.stack_views(student_out, "student_out")
-    for name, views in (("teacher_out", t), ("student_out", s)):
-        if views.shape[0] == 0:
+    # views given as sequences stay blocks (see val.view_blocks): the student's are never
+    # concatenated, the teacher's only inside the (fused) softmax
+    t_blocks = val.view_blocks(teacher_out, "teacher_out")
+    s_blocks = val.view_blocks(student_out, "student_out")
+    for name, blocks in (("teacher_out", t_blocks), ("student_out", s_blocks)):
+        if not blocks:
             raise ValueError(f"{name} must hold at least one view, got an empty sequence")
-    if t.shape[1:] != s.shape[1:]:
+    shape = t_blocks[0].shape[1:]
+    if shape != s_blocks[0].shape[1:]:
         raise ValueError(
             "teacher_out and student_out views must have the same (batch, K) shape, got "
-            f"{t.shape[1:]} and {s.shape[1:]}"
+            f"{shape} and {s_blocks[0].shape[1:]}"
         )
     if not isinstance(state, DINOState):
         raise TypeError(f"state must be a DINOState (see init_dino_state), got {type(state)}")
-    if jnp.shape(state.center) != (t.shape[-1],):
+    if jnp.shape(state.center) != (shape[-1],):
         raise ValueError(
-            f"state.center must have shape ({t.shape[-1]},) to match K, "
+            f"state.center must have shape ({shape[-1]},) to match K, "
             f"got {jnp.shape(state.center)}"
         )
-    vt, vs = t.shape[0], s.shape[0]
+    vt, vs = (sum(x.shape[0] for x in blocks) for blocks in (t_blocks, s_blocks))
     n_terms = vt * vs - min(vt, vs)
     if n_terms == 0:
         raise ValueError(
             "dino_loss needs at least two views in total (same-index teacher/student pairs "
             f"are skipped), got {vt} teacher and {vs} student view(s)"
         )
-    t32, s32, center = upcast(t, s, jnp.asarray(state.center))
-    t_probs = jax.nn.softmax(lax.stop_gradient(t32 - center[None, None]) / teacher_temp, axis=-1)
+    *blocks32, center = upcast(*t_blocks, *s_blocks, jnp.asarray(state.center))
+    t32 = lax.stop_gradient(jnp.concatenate(blocks32[:len(t_blocks)])
+                            if len(t_blocks) > 1 else blocks32[0])
+    t_probs = jax.nn.softmax((t32 - center[None, None]) / teacher_temp, axis=-1)
+    s32 = tuple(blocks32[len(t_blocks):])
     cross = cross_view_entropy(s32, t_probs, student_temp)  # summed over the pairs
-    loss = coll.global_mean(cross, n_terms * t.shape[1], axis_name)
-    new_center = update_center(jnp.asarray(state.center), t, center_momentum, axis_name)
+    loss = coll.global_mean(cross, n_terms * shape[0], axis_name)
+    new_center = update_center(jnp.asarray(state.center), t32, center_momentum, axis_name)
     return loss, DINOState(new_center)
 
 

@@ -119,6 +119,22 @@ def test_swav_gradient_is_cross_entropy_with_frozen_codes():
             np.testing.assert_allclose(gi, ri, rtol=1e-10, atol=1e-12)
 
 
+def test_swav_list_crops_are_never_stacked_and_equal_the_stacked_call():
+    """Crops given as lists stay blocks: no concatenation of the low-resolution crops
+    (forward or backward); the values and gradients are the stacked call's."""
+    high = [_r(20 + i, (6, 5)) for i in range(2)]
+    low = [_r(30 + i, (6, 5)) for i in range(3)]
+    step = jax.value_and_grad(lambda h, lo: S.swav_loss(h, lo), argnums=(0, 1))
+    value, (g_high, g_low) = step(high, low)
+    value_st, (g_high_st, g_low_st) = step(np.stack(high), np.stack(low))
+    np.testing.assert_allclose(value, value_st, rtol=1e-6)
+    np.testing.assert_allclose(np.stack(g_high), g_high_st, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.stack(g_low), g_low_st, rtol=1e-5, atol=1e-7)
+    text = jax.jit(step).lower(high, low).as_text()
+    concats = [line for line in text.splitlines() if "stablehlo.concatenate" in line]
+    assert not [c for c in concats if "-> tensor<3x6x5x" in c], concats
+
+
 def test_queue_recipe_switches_on_without_retracing():
     """Score the queued features with the current prototypes; use them once the queue
     is full (a traced flag), with one compiled step for the whole run."""
