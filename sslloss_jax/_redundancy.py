@@ -319,16 +319,15 @@ def variance_covariance(
     var = jnp.mean(jax.nn.relu(gamma - std))
     stats = functools.partial(correlation_stats, b=None, scale=1.0 / (n - 1),
                               axis_name=axis_name, method=method)
-    centered = z - mom.mean
     gram = method == "gram" or (method == "auto" and n < z.shape[-1])
     if z.shape[1] == 1 and gram and axis_name is None:  # the centered rows never stored
         scale = 1.0 / (n - 1)
         diag = mom.m2[0, 0] * scale
         off = _centered_gram_sq(z[:, 0], mom.mean[0]) * scale**2 - jnp.sum(jnp.square(diag))
     elif z.shape[1] == 1:
-        _, off = stats(centered[:, 0])
+        _, off = stats((z - mom.mean)[:, 0])
     else:  # one covariance per middle position
-        _, off = jax.vmap(stats, in_axes=1)(centered)
+        _, off = jax.vmap(stats, in_axes=1)(z - mom.mean)
     return var, jnp.mean(off) / z.shape[-1]
 
 
