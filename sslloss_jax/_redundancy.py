@@ -81,34 +81,6 @@ def _gram_sq_bwd(feature, res, g):
 _gram_sq.defvjp(_gram_sq_fwd, _gram_sq_bwd)
 
 
-@jax.custom_vjp
-def _centered_gram_sq(z: jax.Array, mean: jax.Array) -> jax.Array:
-    """``‖C Cᵀ‖²_F`` for ``C = z − mean`` (``z [N, D]``, ``mean [1, D]``) without ``C`` ever
-    being an array: XLA fuses the centering into the Gram product's operands, and the
-    VJP keeps ``z``, ``mean`` and the ``N × N`` Gram ``G = C Cᵀ``, with
-    ``∂/∂z = 4 G C = 4 (G z − u meanᵀ)`` and ``∂/∂mean = −4 Cᵀ u`` for ``u = G 1``.
-    A stored ``C`` per branch pushed VICReg's temporaries at ``256 × 8192`` to 56 MiB,
-    past glibc's 32 MiB mmap threshold, so every page faulted on every call."""
-    return _centered_gram_sq_fwd(z, mean)[0]
-
-
-def _centered_gram_sq_fwd(z, mean):
-    gram = (z - mean) @ (z - mean).T
-    return jnp.sum(jnp.square(gram)), (z, mean, gram)
-
-
-def _centered_gram_sq_bwd(res, g):
-    z, mean, gram = res
-    u = jnp.sum(gram, axis=1)  # G·1 (0 up to rounding when mean is z's mean)
-    g4 = 4 * g
-    dz = g4 * (gram @ z - u[:, None] * mean)
-    dmean = -g4 * (u @ z - jnp.sum(u) * mean[0])[None]
-    return dz, dmean
-
-
-_centered_gram_sq.defvjp(_centered_gram_sq_fwd, _centered_gram_sq_bwd)
-
-
 def covariance_sq_sum(a: jax.Array, axis_name: AxisName, *,
                       method: Literal["auto", "gram", "feature"] = "auto") -> jax.Array:
     """``‖Σ_n a_nᵀ a_n‖²_F`` over the global batch, for ``a`` of shape ``[batch, D]``
@@ -319,15 +291,11 @@ def variance_covariance(
     var = jnp.mean(jax.nn.relu(gamma - std))
     stats = functools.partial(correlation_stats, b=None, scale=1.0 / (n - 1),
                               axis_name=axis_name, method=method)
-    gram = method == "gram" or (method == "auto" and n < z.shape[-1])
-    if z.shape[1] == 1 and gram and axis_name is None:  # the centered rows never stored
-        scale = 1.0 / (n - 1)
-        diag = mom.m2[0, 0] * scale
-        off = _centered_gram_sq(z[:, 0], mom.mean[0]) * scale**2 - jnp.sum(jnp.square(diag))
-    elif z.shape[1] == 1:
-        _, off = stats((z - mom.mean)[:, 0])
+    centered = z - mom.mean
+    if z.shape[1] == 1:
+        _, off = stats(centered[:, 0])
     else:  # one covariance per middle position
-        _, off = jax.vmap(stats, in_axes=1)(z - mom.mean)
+        _, off = jax.vmap(stats, in_axes=1)(centered)
     return var, jnp.mean(off) / z.shape[-1]
 
 
