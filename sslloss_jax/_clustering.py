@@ -430,8 +430,7 @@ def swav_loss(
         raise ValueError(f"swav_loss needs at least two crops in total, got {n_crops}")
     blocks32 = upcast(*high_blocks, *low_blocks)
     high32 = blocks32[:len(high_blocks)]
-    codes_high = lax.stop_gradient(
-        jnp.concatenate(high32) if len(high32) > 1 else high32[0])  # (V_h, B, K), no gradient
+    codes_high = lax.stop_gradient(val.concat_views(high32))  # (V_h, B, K), no gradient
     codes_in: jax.Array | tuple[jax.Array, ...] = codes_high
     valid = None
     if queue_outputs is not None:

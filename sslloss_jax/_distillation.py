@@ -186,8 +186,7 @@ def dino_loss(
             f"are skipped), got {vt} teacher and {vs} student view(s)"
         )
     *blocks32, center = upcast(*t_blocks, *s_blocks, jnp.asarray(state.center))
-    t32 = lax.stop_gradient(jnp.concatenate(blocks32[:len(t_blocks)])
-                            if len(t_blocks) > 1 else blocks32[0])
+    t32 = lax.stop_gradient(val.concat_views(tuple(blocks32[:len(t_blocks)])))
     t_probs = jax.nn.softmax((t32 - center[None, None]) / teacher_temp, axis=-1)
     s32 = tuple(blocks32[len(t_blocks):])
     cross = cross_view_entropy(s32, t_probs, student_temp)  # summed over the pairs

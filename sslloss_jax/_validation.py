@@ -70,8 +70,11 @@ def stack_views(views: object, name: str, *, ndim: int = 2) -> jax.Array:
     An empty sequence gives an empty ``(0, 0, 0)`` array; callers decide if that is legal.
     """
     blocks = view_blocks(views, name, ndim=ndim)
-    if not blocks:
-        return jnp.zeros((0,) * (ndim + 1))
+    return concat_views(blocks) if blocks else jnp.zeros((0,) * (ndim + 1))
+
+
+def concat_views(blocks: tuple[jax.Array, ...]) -> jax.Array:
+    """Non-empty :func:`view_blocks` as one stacked array (a copy only for several)."""
     return jnp.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
 

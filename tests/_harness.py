@@ -269,3 +269,11 @@ def assert_distributed_equivalent(spec: LossSpec, mode: str, n: int = 4, *,
     for name, a, e in zip(names, actual, expected, strict=True):
         assert_tree_close(a, e, rtol=rtol, atol=scaled_atol(e, rtol),
                           err_msg=f"{spec.name} {mode} n={n}: {name}")
+
+
+def concatenations(fn: Callable, *args: Any) -> list[str]:
+    """The result types of the concatenations in ``jax.jit(fn)``'s lowered program, e.g.
+    ``tensor<3x6x8xf32>``: a kernel that keeps views as blocks has none of the stack."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line.rsplit("->", 1)[-1].strip() for line in text.splitlines()
+            if "stablehlo.concatenate" in line]

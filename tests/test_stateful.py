@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sslloss_jax as S
+from tests._harness import concatenations
 
 
 def _r(seed, shape):
@@ -49,13 +50,6 @@ def test_dino_stacked_views_equal_lists_and_teacher_gets_no_gradient():
     assert np.all(g_t == 0) and np.any(g_s != 0)
 
 
-def _concatenates(fn, *args) -> list[str]:
-    """The result types of the concatenations in ``fn``'s lowered program."""
-    text = jax.jit(fn).lower(*args).as_text()
-    return [line.rsplit("->", 1)[-1].strip() for line in text.splitlines()
-            if "stablehlo.concatenate" in line]
-
-
 def test_dino_list_views_are_never_stacked_and_get_their_own_gradients():
     """Views given as a list stay blocks: the student's are never concatenated (forward or
     backward), and each gets the stacked input's gradient row."""
@@ -66,7 +60,7 @@ def test_dino_list_views_are_never_stacked_and_get_their_own_gradients():
     np.testing.assert_allclose(value, value_st, rtol=1e-6)
     assert len(grads) == 3
     np.testing.assert_allclose(np.stack(grads), grad_st, rtol=1e-5, atol=1e-7)
-    concats = _concatenates(step, TEACHER, STUDENT)
+    concats = concatenations(step, TEACHER, STUDENT)
     assert not [c for c in concats if c.startswith("tensor<3x6x8x")], concats
     assert [c for c in concats if c.startswith("tensor<2x6x8x")]  # the teacher's (probs)
 
