@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
@@ -79,6 +80,148 @@ def _gram_sq_bwd(feature, res, g):
 
 
 _gram_sq.defvjp(_gram_sq_fwd, _gram_sq_bwd)
+
+
+#: Column chunks of about this many bytes per branch in :func:`_standardized_grams`.
+_CHUNK_BYTES = 2 * 2**20
+def _std_factor(m2: jax.Array, n: int, mode: str, eps: float):
+    """Per-column factor ``s(m2)`` of a standardization ``â = (z − mean)·s`` and
+    ``(ds/dm2)/s``: ``"batch_norm"`` ``1/sqrt(m2/n + eps)``; ``"pearson"``
+    ``1/sqrt(m2/(n−1))``, 0 on constant columns; ``"center"`` 1."""
+    if mode == "batch_norm":
+        var = m2 / n + eps
+        return lax.rsqrt(var), -0.5 / (n * var)
+    if mode == "pearson":
+        ok = m2 > 0
+        safe = jnp.where(ok, m2, 1.0)
+        return (jnp.where(ok, lax.rsqrt(safe / (n - 1)), 0.0),
+                jnp.where(ok, -0.5 / safe, 0.0))
+    return jnp.ones_like(m2), jnp.zeros_like(m2)
+
+
+def _chunk_count(d: int, n: int, itemsize: int) -> int:
+    """The number of equal column chunks (a divisor of ``d``) of about
+    :data:`_CHUNK_BYTES` each (``n`` rows)."""
+    count = max(1, -(-n * d * itemsize // _CHUNK_BYTES))
+    while d % count:
+        count += 1
+    return count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _standardized_grams(z_a: jax.Array, z_b: jax.Array | None, mode: str, eps: float):
+    """``(Ga, Gb, cross, m2a, m2b)`` of per-column standardized branches, single device:
+    ``Ga = Â Âᵀ`` and ``Gb = B̂ B̂ᵀ`` (N × N), ``cross = Σ_n Â ⊙ B̂`` and the centered
+    sums of squares ``m2`` (D), with ``Â = (z_a − mean)·s(m2)`` (:func:`_std_factor`).
+    ``z_b`` None: only ``(Ga, m2a)``.
+
+    Every statistic is per column, so both passes are a ``fori_loop`` over equal column
+    chunks of about :data:`_CHUNK_BYTES` (one chunk's temporaries live at a time; XLA
+    schedules an unrolled loop's chunks side by side). Forward: a chunk's moments, its
+    ``Â`` and ``B̂``, the Grams accumulated. Backward, ``Â`` recomputed: with
+    ``G = ∂L/∂Â = (ḡ + ḡᵀ) Â + B̂·diag(c̄)`` and ``h = ∂L/∂m2`` the chunk's gradient
+    ``s·(G − mean_n G) + 2 (z − mean)·(h + (s′/s) Σ_n G ⊙ Â)`` is written in place.
+    Autodiff keeps the centered and standardized branches and several more arrays of
+    their size for the standardization's backward: Barlow Twins at ``256 × 8192``
+    48 MiB of temporaries, past glibc's 32 MiB mmap threshold (so mapped and
+    page-faulted on every call).
+    """
+    return _standardized_grams_fwd(z_a, z_b, mode, eps)[0]
+
+
+def _chunk_loop(z_a, z_b, body, init):
+    """``fori_loop`` of ``body(lo, size, carry)`` over the equal column chunks."""
+    n, d = z_a.shape
+    count = _chunk_count(d, n, z_a.dtype.itemsize)
+    size = d // count
+    return lax.fori_loop(0, count, lambda i, c: body(i * size, size, c), init)
+
+
+def _slice_cols(x, lo, size):
+    return lax.dynamic_slice_in_dim(x, lo, size, axis=x.ndim - 1)
+
+
+def _chunk_stats(z, lo, size, mode, eps):
+    """A chunk's ``(centered, Â, mean, m2)``."""
+    zc = _slice_cols(z, lo, size)
+    mean = jnp.mean(zc, axis=0, keepdims=True)
+    centered = zc - mean
+    m2 = jnp.sum(jnp.square(centered), axis=0)
+    return centered, centered * _std_factor(m2, z.shape[0], mode, eps)[0][None], mean[0], m2
+
+
+def _standardized_grams_fwd(z_a, z_b, mode, eps):
+    n, d = z_a.shape
+    zeros = jnp.zeros((d,), z_a.dtype)
+    two = z_b is not None
+
+    def body(lo, size, carry):
+        ga, gb, cross, stats = carry
+        _, a, mean, m2 = _chunk_stats(z_a, lo, size, mode, eps)
+        new = [mean, m2]
+        ga = ga + a @ a.T
+        if two:
+            _, b, mean, m2 = _chunk_stats(z_b, lo, size, mode, eps)
+            new += [mean, m2]
+            gb = gb + b @ b.T
+            cross = lax.dynamic_update_slice_in_dim(cross, jnp.sum(a * b, axis=0), lo, 0)
+        stats = tuple(lax.dynamic_update_slice_in_dim(x, v, lo, 0)
+                      for x, v in zip(stats, new))
+        return ga, gb, cross, stats
+
+    gram = jnp.zeros((n, n), z_a.dtype)
+    ga, gb, cross, stats = _chunk_loop(
+        z_a, z_b, body, (gram, gram if two else None, zeros if two else None,
+                         (zeros,) * (4 if two else 2)))
+    m2b = stats[3] if two else None
+    return (ga, gb, cross, stats[1], m2b), (z_a, z_b, stats)
+
+
+def _standardized_grams_bwd(mode, eps, res, cts):
+    z_a, z_b, stats = res
+    ga_bar, gb_bar, c_bar, m2a_bar, m2b_bar = cts
+    n = z_a.shape[0]
+    two = z_b is not None
+    sym_a = ga_bar + ga_bar.T
+    sym_b = gb_bar + gb_bar.T if two else None
+
+    def chunk(z, mean, m2, lo, size):
+        centered = _slice_cols(z, lo, size) - _slice_cols(mean, lo, size)[None]
+        s, dlog = _std_factor(_slice_cols(m2, lo, size), n, mode, eps)
+        return centered, centered * s[None], s, dlog
+
+    def grad(g, a, centered, s, dlog, h):
+        return (s[None] * (g - jnp.mean(g, axis=0, keepdims=True))
+                + 2 * centered * (h + dlog * jnp.sum(g * a, axis=0))[None])
+
+    def body(lo, size, carry):
+        da, db = carry
+        ca, a, s_a, dl_a = chunk(z_a, stats[0], stats[1], lo, size)
+        g_a = sym_a @ a
+        if two:
+            cb, b, s_b, dl_b = chunk(z_b, stats[2], stats[3], lo, size)
+            cc = _slice_cols(c_bar, lo, size)
+            g_a = g_a + b * cc[None]
+            g_b = sym_b @ b + a * cc[None]
+            db = lax.dynamic_update_slice_in_dim(
+                db, grad(g_b, b, cb, s_b, dl_b, _slice_cols(m2b_bar, lo, size)), lo, 1)
+        da = lax.dynamic_update_slice_in_dim(
+            da, grad(g_a, a, ca, s_a, dl_a, _slice_cols(m2a_bar, lo, size)), lo, 1)
+        return da, db
+
+    return _chunk_loop(z_a, z_b, body, (jnp.zeros_like(z_a),
+                                        jnp.zeros_like(z_b) if two else None))
+
+
+_standardized_grams.defvjp(_standardized_grams_fwd, _standardized_grams_bwd)
+
+
+def _use_chunked(z: jax.Array, axis_name: AxisName, method: str) -> bool:
+    """Whether :func:`_standardized_grams` serves a branch ``z``: one device, ``[N, D]``
+    and the Gram form (``method="gram"``, or ``"auto"`` with N < D)."""
+    n, d = z.shape[0], z.shape[-1]
+    return (axis_name is None and z.ndim == 2
+            and (method == "gram" or (method == "auto" and n < d)))
 
 
 def covariance_sq_sum(a: jax.Array, axis_name: AxisName, *,
@@ -177,6 +320,13 @@ def barlow_twins_terms(
             z_a.shape,
         )
     z_a, z_b = upcast(z_a, z_b)
+    n = z_a.shape[0]
+    if normalize != "none" and _use_chunked(z_a, axis_name, method):
+        ga, gb, cross, _, _ = _standardized_grams(z_a, z_b, normalize, eps)
+        scale = 1.0 / (n if normalize == "batch_norm" else n - 1)
+        diag = cross * scale
+        off = jnp.sum(ga * gb) * scale**2 - jnp.sum(jnp.square(diag))
+        return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)), off)
     mom_a, mom_b = coll.global_moments(z_a, z_b, axis_name=axis_name)
     a, scale = _standardize(z_a, mom_a, normalize, eps)
     b, _ = _standardize(z_b, mom_b, normalize, eps)
@@ -264,6 +414,15 @@ def vicreg_terms(
     z_a, z_b = upcast(z_a, z_b)
     invariance = coll.global_mean(jnp.sum(jnp.square(z_a - z_b)), z_a.size, axis_name)
 
+    if _use_chunked(z_a, axis_name, method):
+        hinge, cov = [], []
+        for z in (z_a, z_b):
+            ga, _, _, m2, _ = _standardized_grams(z, None, "center", 0.0)
+            var = m2 / (n - 1)
+            hinge.append(jnp.mean(jax.nn.relu(gamma - jnp.sqrt(var + eps))))
+            off = jnp.sum(jnp.square(ga)) / (n - 1) ** 2 - jnp.sum(jnp.square(var))
+            cov.append(off / z.shape[-1])
+        return VICRegTerms(invariance, 0.5 * (hinge[0] + hinge[1]), cov[0] + cov[1])
     z_a, z_b = (z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b))  # (B, M, D)
     moments = coll.global_moments(z_a, z_b, axis_name=axis_name)
     var_a, cov_a = variance_covariance(z_a, moments[0], eps=eps, gamma=gamma,
