@@ -108,29 +108,30 @@ def _chunk_count(d: int, n: int, itemsize: int) -> int:
     return count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _standardized_grams(z_a: jax.Array, z_b: jax.Array | None, mode: str, eps: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _standardized_grams(z_a: jax.Array, z_b: jax.Array | None, eps: jax.Array, mode: str):
     """``(Ga, Gb, cross, m2a, m2b)`` of per-column standardized branches, single device:
     ``Ga = Â Âᵀ`` and ``Gb = B̂ B̂ᵀ`` (N × N), ``cross = Σ_n Â ⊙ B̂`` and the centered
-    sums of squares ``m2`` (D), with ``Â = (z_a − mean)·s(m2)`` (:func:`_std_factor`).
-    ``z_b`` None: only ``(Ga, m2a)``.
+    sums of squares ``m2`` (D), with ``Â = (z_a − mean)·s(m2)`` (:func:`_std_factor`;
+    ``eps`` a scalar, traced or not). ``z_b`` None: only ``(Ga, m2a)``.
 
     Every statistic is per column, so both passes are a ``fori_loop`` over equal column
     chunks of about :data:`_CHUNK_BYTES` (one chunk's temporaries live at a time; XLA
     schedules an unrolled loop's chunks side by side). Forward: a chunk's moments, its
     ``Â`` and ``B̂``, the Grams accumulated. Backward, ``Â`` recomputed: with
     ``G = ∂L/∂Â = (ḡ + ḡᵀ) Â + B̂·diag(c̄)`` and ``h = ∂L/∂m2`` the chunk's gradient
-    ``s·(G − mean_n G) + 2 (z − mean)·(h + (s′/s) Σ_n G ⊙ Â)`` is written in place.
-    Autodiff keeps the centered and standardized branches and several more arrays of
-    their size for the standardization's backward: Barlow Twins at ``256 × 8192``
-    48 MiB of temporaries, past glibc's 32 MiB mmap threshold (so mapped and
-    page-faulted on every call).
+    ``s·(G − mean_n G) + 2 (z − mean)·(h + (s′/s) Σ_n G ⊙ Â)`` is written in place, and
+    ``∂L/∂eps = Σ (∂ log s/∂eps) Σ_n G ⊙ Â`` accumulated. Autodiff keeps the centered
+    and standardized branches and several more arrays of their size for the
+    standardization's backward: Barlow Twins at ``256 × 8192`` 48 MiB of temporaries,
+    past glibc's 32 MiB mmap threshold (so mapped and page-faulted on every call).
     """
-    return _standardized_grams_fwd(z_a, z_b, mode, eps)[0]
+    return _standardized_grams_fwd(z_a, z_b, eps, mode)[0]
 
 
-def _chunk_loop(z_a, z_b, body, init):
-    """``fori_loop`` of ``body(lo, size, carry)`` over the equal column chunks."""
+def _chunk_loop(z_a, body, init):
+    """``fori_loop`` of ``body(lo, size, carry)`` over the equal column chunks of
+    ``z_a``'s shape."""
     n, d = z_a.shape
     count = _chunk_count(d, n, z_a.dtype.itemsize)
     size = d // count
@@ -141,28 +142,32 @@ def _slice_cols(x, lo, size):
     return lax.dynamic_slice_in_dim(x, lo, size, axis=x.ndim - 1)
 
 
-def _chunk_stats(z, lo, size, mode, eps):
-    """A chunk's ``(centered, Â, mean, m2)``."""
-    zc = _slice_cols(z, lo, size)
-    mean = jnp.mean(zc, axis=0, keepdims=True)
-    centered = zc - mean
-    m2 = jnp.sum(jnp.square(centered), axis=0)
-    return centered, centered * _std_factor(m2, z.shape[0], mode, eps)[0][None], mean[0], m2
+def _col_std(z, lo, size, mean, m2, eps, mode):
+    """A chunk of columns ``[lo, lo + size)`` of ``z`` with its ``mean`` and ``m2``:
+    ``(centered, Â, s, dlog)`` (:func:`_std_factor`)."""
+    centered = _slice_cols(z, lo, size) - mean[None]
+    s, dlog = _std_factor(m2, z.shape[0], mode, eps)
+    return centered, centered * s[None], s, dlog
 
 
-def _standardized_grams_fwd(z_a, z_b, mode, eps):
+def _standardized_grams_fwd(z_a, z_b, eps, mode):
     n, d = z_a.shape
     zeros = jnp.zeros((d,), z_a.dtype)
     two = z_b is not None
 
+    def standardize(z, lo, size):
+        zc = _slice_cols(z, lo, size)
+        mean = jnp.mean(zc, axis=0)
+        m2 = jnp.sum(jnp.square(zc - mean[None]), axis=0)
+        return _col_std(z, lo, size, mean, m2, eps, mode)[1], mean, m2
+
     def body(lo, size, carry):
         ga, gb, cross, stats = carry
-        _, a, mean, m2 = _chunk_stats(z_a, lo, size, mode, eps)
-        new = [mean, m2]
+        a, *new = standardize(z_a, lo, size)
         ga = ga + a @ a.T
         if two:
-            _, b, mean, m2 = _chunk_stats(z_b, lo, size, mode, eps)
-            new += [mean, m2]
+            b, *new_b = standardize(z_b, lo, size)
+            new += new_b
             gb = gb + b @ b.T
             cross = lax.dynamic_update_slice_in_dim(cross, jnp.sum(a * b, axis=0), lo, 0)
         stats = tuple(lax.dynamic_update_slice_in_dim(x, v, lo, 0)
@@ -171,46 +176,49 @@ def _standardized_grams_fwd(z_a, z_b, mode, eps):
 
     gram = jnp.zeros((n, n), z_a.dtype)
     ga, gb, cross, stats = _chunk_loop(
-        z_a, z_b, body, (gram, gram if two else None, zeros if two else None,
-                         (zeros,) * (4 if two else 2)))
-    m2b = stats[3] if two else None
-    return (ga, gb, cross, stats[1], m2b), (z_a, z_b, stats)
+        z_a, body, (gram, gram if two else None, zeros if two else None,
+                    (zeros,) * (4 if two else 2)))
+    return (ga, gb, cross, stats[1], stats[3] if two else None), (z_a, z_b, eps, stats)
 
 
-def _standardized_grams_bwd(mode, eps, res, cts):
-    z_a, z_b, stats = res
+def _standardized_grams_bwd(mode, res, cts):
+    z_a, z_b, eps, stats = res
     ga_bar, gb_bar, c_bar, m2a_bar, m2b_bar = cts
     n = z_a.shape[0]
     two = z_b is not None
     sym_a = ga_bar + ga_bar.T
     sym_b = gb_bar + gb_bar.T if two else None
+    # ∂ log s/∂eps = n·(∂ log s/∂m2) for batch_norm; eps enters no other mode
+    eps_factor = n if mode == "batch_norm" else 0
 
     def chunk(z, mean, m2, lo, size):
-        centered = _slice_cols(z, lo, size) - _slice_cols(mean, lo, size)[None]
-        s, dlog = _std_factor(_slice_cols(m2, lo, size), n, mode, eps)
-        return centered, centered * s[None], s, dlog
+        return _col_std(z, lo, size, _slice_cols(mean, lo, size), _slice_cols(m2, lo, size),
+                        eps, mode)
 
     def grad(g, a, centered, s, dlog, h):
-        return (s[None] * (g - jnp.mean(g, axis=0, keepdims=True))
-                + 2 * centered * (h + dlog * jnp.sum(g * a, axis=0))[None])
+        inner = jnp.sum(g * a, axis=0)
+        dz = (s[None] * (g - jnp.mean(g, axis=0, keepdims=True))
+              + 2 * centered * (h + dlog * inner)[None])
+        return dz, eps_factor * jnp.sum(dlog * inner)
 
     def body(lo, size, carry):
-        da, db = carry
+        da, db, g_eps = carry
         ca, a, s_a, dl_a = chunk(z_a, stats[0], stats[1], lo, size)
         g_a = sym_a @ a
         if two:
             cb, b, s_b, dl_b = chunk(z_b, stats[2], stats[3], lo, size)
             cc = _slice_cols(c_bar, lo, size)
             g_a = g_a + b * cc[None]
-            g_b = sym_b @ b + a * cc[None]
-            db = lax.dynamic_update_slice_in_dim(
-                db, grad(g_b, b, cb, s_b, dl_b, _slice_cols(m2b_bar, lo, size)), lo, 1)
-        da = lax.dynamic_update_slice_in_dim(
-            da, grad(g_a, a, ca, s_a, dl_a, _slice_cols(m2a_bar, lo, size)), lo, 1)
-        return da, db
+            dz, ge = grad(sym_b @ b + a * cc[None], b, cb, s_b, dl_b,
+                          _slice_cols(m2b_bar, lo, size))
+            db, g_eps = lax.dynamic_update_slice_in_dim(db, dz, lo, 1), g_eps + ge
+        dz, ge = grad(g_a, a, ca, s_a, dl_a, _slice_cols(m2a_bar, lo, size))
+        return lax.dynamic_update_slice_in_dim(da, dz, lo, 1), db, g_eps + ge
 
-    return _chunk_loop(z_a, z_b, body, (jnp.zeros_like(z_a),
-                                        jnp.zeros_like(z_b) if two else None))
+    da, db, g_eps = _chunk_loop(z_a, body, (jnp.zeros_like(z_a),
+                                            jnp.zeros_like(z_b) if two else None,
+                                            jnp.zeros((), z_a.dtype)))
+    return da, db, g_eps.astype(eps.dtype).reshape(eps.shape)
 
 
 _standardized_grams.defvjp(_standardized_grams_fwd, _standardized_grams_bwd)
@@ -322,7 +330,8 @@ def barlow_twins_terms(
     z_a, z_b = upcast(z_a, z_b)
     n = z_a.shape[0]
     if normalize != "none" and _use_chunked(z_a, axis_name, method):
-        ga, gb, cross, _, _ = _standardized_grams(z_a, z_b, normalize, eps)
+        ga, gb, cross, _, _ = _standardized_grams(z_a, z_b, jnp.asarray(eps, z_a.dtype),
+                                                  normalize)
         scale = 1.0 / (n if normalize == "batch_norm" else n - 1)
         diag = cross * scale
         off = jnp.sum(ga * gb) * scale**2 - jnp.sum(jnp.square(diag))
@@ -417,7 +426,7 @@ def vicreg_terms(
     if _use_chunked(z_a, axis_name, method):
         hinge, cov = [], []
         for z in (z_a, z_b):
-            ga, _, _, m2, _ = _standardized_grams(z, None, "center", 0.0)
+            ga, _, _, m2, _ = _standardized_grams(z, None, jnp.zeros((), z.dtype), "center")
             var = m2 / (n - 1)
             hinge.append(jnp.mean(jax.nn.relu(gamma - jnp.sqrt(var + eps))))
             off = jnp.sum(jnp.square(ga)) / (n - 1) ** 2 - jnp.sum(jnp.square(var))

@@ -80,7 +80,8 @@ def test_standardized_grams_match_autodiff_of_the_definition(mode, two, chunk_by
                                                              monkeypatch):
     """The chunked single-device Gram primitive of Barlow Twins and VICReg: every output
     and its hand-written VJP (through the means and the m2-dependent scale) against
-    autodiff of the plain formula, in float64, over one or several column chunks."""
+    autodiff of the plain formula, in float64, over one or several column chunks; the
+    ``eps`` gradient too (batch_norm; zero in the other modes)."""
     from sslloss_jax import _redundancy as R
 
     if chunk_bytes is not None:
@@ -95,16 +96,28 @@ def test_standardized_grams_match_autodiff_of_the_definition(mode, two, chunk_by
             parts = [ga.ravel(), m2a] + ([gb.ravel(), cross, m2b] if two else [])
             return jnp.concatenate(parts) / 10.0
 
-        def ours(za, zb):
-            return flat(*R._standardized_grams(za, zb if two else None, mode, 1e-5))
+        def ours(za, zb, eps):
+            return flat(*R._standardized_grams(za, zb if two else None, eps, mode))
 
-        def reference(za, zb):
-            ga, a, m2a = _standardized_reference(za, mode, 1e-5)
-            gb, b, m2b = _standardized_reference(zb, mode, 1e-5)
+        def reference(za, zb, eps):
+            ga, a, m2a = _standardized_reference(za, mode, eps)
+            gb, b, m2b = _standardized_reference(zb, mode, eps)
             return flat(ga, gb, jnp.sum(a * b, axis=0), m2a, m2b)
 
-        w = jnp.asarray(rng.standard_normal(ours(za, zb).shape))
-        assert_matches_reference(ours, reference, (za, zb), w)
+        eps = jnp.asarray(0.3)  # large enough for its gradient (batch_norm) to register
+        w = jnp.asarray(rng.standard_normal(ours(za, zb, eps).shape))
+        assert_matches_reference(ours, reference, (za, zb, eps), w)
+
+
+def test_barlow_traced_eps_and_its_gradient():
+    """``eps`` may be traced (no retrace per value) and gets its gradient on the chunked
+    Gram path, equal to the feature path's."""
+    a, b = _pair((6, 20))
+    fns = [jax.jit(jax.grad(lambda e, m=m: S.barlow_twins_loss(a, b, eps=e, method=m)))
+           for m in ("gram", "feature")]
+    for e in (1e-5, 0.5):
+        np.testing.assert_allclose(fns[0](e), fns[1](e), rtol=1e-4)
+    assert abs(float(fns[0](0.5))) > 0
 
 
 def test_standardized_grams_pearson_constant_column_gradient():
