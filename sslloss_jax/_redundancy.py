@@ -84,7 +84,9 @@ _gram_sq.defvjp(_gram_sq_fwd, _gram_sq_bwd)
 
 #: Column chunks of about this many bytes per branch in :func:`_standardized_grams`.
 _CHUNK_BYTES = 2 * 2**20
-def _std_factor(m2: jax.Array, n: int, mode: str, eps: float):
+
+
+def _std_factor(m2: jax.Array, n: int, mode: str, eps: jax.Array | float):
     """Per-column factor ``s(m2)`` of a standardization ``â = (z − mean)·s`` and
     ``(ds/dm2)/s``: ``"batch_norm"`` ``1/sqrt(m2/n + eps)``; ``"pearson"``
     ``1/sqrt(m2/(n−1))``, 0 on constant columns; ``"center"`` 1."""
@@ -99,13 +101,9 @@ def _std_factor(m2: jax.Array, n: int, mode: str, eps: float):
     return jnp.ones_like(m2), jnp.zeros_like(m2)
 
 
-def _chunk_count(d: int, n: int, itemsize: int) -> int:
-    """The number of equal column chunks (a divisor of ``d``) of about
-    :data:`_CHUNK_BYTES` each (``n`` rows)."""
-    count = max(1, -(-n * d * itemsize // _CHUNK_BYTES))
-    while d % count:
-        count += 1
-    return count
+def _chunk_size(d: int, n: int, itemsize: int) -> int:
+    """Columns per chunk: about :data:`_CHUNK_BYTES` of ``n`` rows, at most ``d``."""
+    return max(1, min(d, _CHUNK_BYTES // (n * itemsize)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -115,8 +113,8 @@ def _standardized_grams(z_a: jax.Array, z_b: jax.Array | None, eps: jax.Array, m
     sums of squares ``m2`` (D), with ``Â = (z_a − mean)·s(m2)`` (:func:`_std_factor`;
     ``eps`` a scalar, traced or not). ``z_b`` None: only ``(Ga, m2a)``.
 
-    Every statistic is per column, so both passes are a ``fori_loop`` over equal column
-    chunks of about :data:`_CHUNK_BYTES` (one chunk's temporaries live at a time; XLA
+    Every statistic is per column, so both passes are a ``fori_loop`` over column chunks
+    of about :data:`_CHUNK_BYTES` (one chunk's temporaries live at a time; XLA
     schedules an unrolled loop's chunks side by side). Forward: a chunk's moments, its
     ``Â`` and ``B̂``, the Grams accumulated. Backward, ``Â`` recomputed: with
     ``G = ∂L/∂Â = (ḡ + ḡᵀ) Â + B̂·diag(c̄)`` and ``h = ∂L/∂m2`` the chunk's gradient
@@ -130,12 +128,13 @@ def _standardized_grams(z_a: jax.Array, z_b: jax.Array | None, eps: jax.Array, m
 
 
 def _chunk_loop(z_a, body, init):
-    """``fori_loop`` of ``body(lo, size, carry)`` over the equal column chunks of
-    ``z_a``'s shape."""
+    """``body(lo, size, carry)`` over the column chunks of ``z_a``'s shape: a
+    ``fori_loop`` over the equal ones, then the remainder (a static, smaller chunk)."""
     n, d = z_a.shape
-    count = _chunk_count(d, n, z_a.dtype.itemsize)
-    size = d // count
-    return lax.fori_loop(0, count, lambda i, c: body(i * size, size, c), init)
+    size = _chunk_size(d, n, z_a.dtype.itemsize)
+    full, rem = divmod(d, size)
+    carry = lax.fori_loop(0, full, lambda i, c: body(i * size, size, c), init)
+    return body(full * size, rem, carry) if rem else carry
 
 
 def _slice_cols(x, lo, size):

@@ -75,12 +75,13 @@ def _standardized_reference(z, mode, eps):
 
 @pytest.mark.parametrize("mode", ["batch_norm", "pearson", "center"])
 @pytest.mark.parametrize("two", [True, False])
-@pytest.mark.parametrize("chunk_bytes", [None, 6 * 8 * 3])  # one chunk; chunks of 3 columns
-def test_standardized_grams_match_autodiff_of_the_definition(mode, two, chunk_bytes,
+@pytest.mark.parametrize("d,chunk_bytes", [(15, None), (15, 6 * 8 * 3), (17, 6 * 8 * 3)])
+def test_standardized_grams_match_autodiff_of_the_definition(mode, two, d, chunk_bytes,
                                                              monkeypatch):
     """The chunked single-device Gram primitive of Barlow Twins and VICReg: every output
     and its hand-written VJP (through the means and the m2-dependent scale) against
-    autodiff of the plain formula, in float64, over one or several column chunks; the
+    autodiff of the plain formula, in float64, over one chunk, several, and several with
+    a smaller remainder; the
     ``eps`` gradient too (batch_norm; zero in the other modes)."""
     from sslloss_jax import _redundancy as R
 
@@ -88,9 +89,9 @@ def test_standardized_grams_match_autodiff_of_the_definition(mode, two, chunk_by
         monkeypatch.setattr(R, "_CHUNK_BYTES", chunk_bytes)
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
-        za, zb = (jnp.asarray(rng.standard_normal((6, 15))) for _ in range(2))
-        if chunk_bytes is not None:
-            assert R._chunk_count(15, 6, 8) == 5
+        za, zb = (jnp.asarray(rng.standard_normal((6, d))) for _ in range(2))
+        if chunk_bytes is not None:  # 5 chunks of 3 columns, and one of 2 for d = 17
+            assert R._chunk_size(d, 6, 8) == 3
 
         def flat(ga, gb, cross, m2a, m2b):
             parts = [ga.ravel(), m2a] + ([gb.ravel(), cross, m2b] if two else [])
