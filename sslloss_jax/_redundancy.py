@@ -101,6 +101,18 @@ def _std_factor(m2: jax.Array, n: int, mode: str, eps: jax.Array | float):
     return jnp.ones_like(m2), jnp.zeros_like(m2)
 
 
+def _corr_scale(n: int, mode: str) -> float:
+    """The factor of ``c = scale · ẑ_aᵀ ẑ_b``: ``1/(n − 1)`` for ``"pearson"`` and VICReg's
+    ``"center"`` (unbiased), ``1/n`` otherwise."""
+    return 1.0 / (n - 1 if mode in ("pearson", "center") else n)
+
+
+def _offdiag_from_frob(frob: jax.Array, diag: jax.Array, scale: float) -> jax.Array:
+    """``Σ_{i≠j} c_ij²`` of ``c = scale·M`` from ``‖M‖²_F`` (``frob``) and ``c``'s
+    diagonal (the Gram form)."""
+    return frob * scale**2 - jnp.sum(jnp.square(diag))
+
+
 def _chunk_size(d: int, n: int, itemsize: int) -> int:
     """Columns per chunk: about :data:`_CHUNK_BYTES` of ``n`` rows, at most ``d``."""
     return max(1, min(d, _CHUNK_BYTES // (n * itemsize)))
@@ -279,7 +291,7 @@ def correlation_stats(
             ga = a @ coll.all_gather(a, axis_name).T
             gb = ga if b is None else b @ coll.all_gather(b, axis_name).T
             frob = coll.psum(jnp.sum(ga * gb), axis_name)
-        return diag, frob * scale**2 - jnp.sum(jnp.square(diag))
+        return diag, _offdiag_from_frob(frob, diag, scale)
     c = coll.psum(a.T @ bb, axis_name) * scale
     return diag, offdiag_sq_sum(c)
 
@@ -296,13 +308,12 @@ _BARLOW_MODES = ("batch_norm", "pearson", "none")
 
 def _standardize(z: jax.Array, mom: coll.Moments, mode: str, eps: float):
     """Returns (ẑ, scale) such that c = scale · ẑ_aᵀ ẑ_b for the given mode."""
-    if mode == "batch_norm":  # F.batch_norm(training=True): biased variance + eps
-        return (z - mom.mean) / jnp.sqrt(mom.m2 / mom.n + eps), 1.0 / mom.n
-    if mode == "pearson":  # unbiased std, /(N-1): the exact Pearson correlation
-        std = safe_sqrt(mom.m2 / (mom.n - 1))
-        ok = std > 0
-        return jnp.where(ok, (z - mom.mean) / jnp.where(ok, std, 1.0), 0.0), 1.0 / (mom.n - 1)
-    return z, 1.0 / mom.n  # "none": already normalized outside (fovi's external BN)
+    # batch_norm: F.batch_norm(training=True), biased variance + eps; pearson: unbiased
+    # std, /(N−1), the exact Pearson correlation (constant features 0); none: already
+    # normalized outside (fovi's external BN)
+    if mode == "none":
+        return z, _corr_scale(mom.n, mode)
+    return (z - mom.mean) * _std_factor(mom.m2, mom.n, mode, eps)[0], _corr_scale(mom.n, mode)
 
 
 def barlow_twins_terms(
@@ -331,10 +342,10 @@ def barlow_twins_terms(
     if normalize != "none" and _use_chunked(z_a, axis_name, method):
         ga, gb, cross, _, _ = _standardized_grams(z_a, z_b, jnp.asarray(eps, z_a.dtype),
                                                   normalize)
-        scale = 1.0 / (n if normalize == "batch_norm" else n - 1)
+        scale = _corr_scale(n, normalize)
         diag = cross * scale
-        off = jnp.sum(ga * gb) * scale**2 - jnp.sum(jnp.square(diag))
-        return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)), off)
+        return BarlowTwinsTerms(jnp.sum(jnp.square(1.0 - diag)),
+                                _offdiag_from_frob(jnp.sum(ga * gb), diag, scale))
     mom_a, mom_b = coll.global_moments(z_a, z_b, axis_name=axis_name)
     a, scale = _standardize(z_a, mom_a, normalize, eps)
     b, _ = _standardize(z_b, mom_b, normalize, eps)
@@ -426,10 +437,10 @@ def vicreg_terms(
         hinge, cov = [], []
         for z in (z_a, z_b):
             ga, _, _, m2, _ = _standardized_grams(z, None, jnp.zeros((), z.dtype), "center")
-            var = m2 / (n - 1)
-            hinge.append(jnp.mean(jax.nn.relu(gamma - jnp.sqrt(var + eps))))
-            off = jnp.sum(jnp.square(ga)) / (n - 1) ** 2 - jnp.sum(jnp.square(var))
-            cov.append(off / z.shape[-1])
+            scale = _corr_scale(n, "center")
+            hinge.append(_variance_hinge(m2, n, eps, gamma))
+            cov.append(_offdiag_from_frob(jnp.sum(jnp.square(ga)), m2 * scale, scale)
+                       / z.shape[-1])
         return VICRegTerms(invariance, 0.5 * (hinge[0] + hinge[1]), cov[0] + cov[1])
     z_a, z_b = (z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b))  # (B, M, D)
     moments = coll.global_moments(z_a, z_b, axis_name=axis_name)
@@ -438,6 +449,11 @@ def vicreg_terms(
     var_b, cov_b = variance_covariance(z_b, moments[1], eps=eps, gamma=gamma,
                                        axis_name=axis_name, method=method)
     return VICRegTerms(invariance, 0.5 * (var_a + var_b), cov_a + cov_b)
+
+
+def _variance_hinge(m2: jax.Array, n: int, eps: ArrayLike, gamma: ArrayLike) -> jax.Array:
+    """VICReg's ``mean relu(γ − sqrt(var + eps))`` of the unbiased variances ``m2/(n − 1)``."""
+    return jnp.mean(jax.nn.relu(gamma - jnp.sqrt(m2 / (n - 1) + eps)))
 
 
 def variance_covariance(
@@ -454,8 +470,7 @@ def variance_covariance(
     unbiased variance and covariance of the global batch, one covariance per middle
     position ``m``."""
     n = mom.n
-    std = jnp.sqrt(mom.m2 / (n - 1) + eps)
-    var = jnp.mean(jax.nn.relu(gamma - std))
+    var = _variance_hinge(mom.m2, n, eps, gamma)
     stats = functools.partial(correlation_stats, b=None, scale=1.0 / (n - 1),
                               axis_name=axis_name, method=method)
     centered = z - mom.mean
