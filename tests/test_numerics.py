@@ -33,21 +33,29 @@ from sslloss_jax._numerics import (
 from tests._harness import assert_matches_reference
 
 
-@pytest.fixture(params=["pairwise", "plain"])
+@pytest.fixture(params=["product", "plain"])
 def sum_path(request, monkeypatch):
-    """sum_leading's two paths: pairwise from _PAIRWISE_MIN kept elements, plain below."""
-    monkeypatch.setattr(_numerics, "_PAIRWISE_MIN", 0 if request.param == "pairwise" else 2**40)
+    """sum_leading's two paths: a ``ones @ x`` product (one add for two rows) from
+    _LEADING_MIN elements, plain below."""
+    monkeypatch.setattr(_numerics, "_LEADING_MIN", 0 if request.param == "product" else 2**40)
     return request.param
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (2, 5), (7, 4, 3), (64, 6), (65, 2, 2)])
 @pytest.mark.parametrize("keepdims", [False, True])
-def test_pairwise_reductions_equal_jnp(shape, keepdims, sum_path):
+def test_sum_leading_equals_jnp(shape, keepdims, sum_path):
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     np.testing.assert_allclose(sum_leading(x, keepdims), jnp.sum(x, 0, keepdims=keepdims),
                                rtol=1e-5, atol=1e-5)
     assert jax.jit(sum_leading, static_argnums=1)(x, keepdims).shape == (
         jnp.sum(x, 0, keepdims=keepdims).shape)
+
+
+def test_sum_leading_keeps_low_precision_dtype(sum_path):
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((9, 40)), jnp.bfloat16)
+    out = sum_leading(x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(out), np.float32(x).sum(0), rtol=2e-2, atol=2e-2)
 
 
 def test_empty_leading_axis(sum_path):
