@@ -155,20 +155,26 @@ def _key_meta(rows: Rows, n: int, cfg: _Cfg) -> tuple:
     return ids, (jnp.asarray(rows.labels, jnp.int32) if cfg.labels else None)
 
 
-def _masks(qm: tuple, km: tuple, rows: int, cfg: _Cfg):
+def _masks(qm: tuple, km: tuple, rows: int, cfg: _Cfg, transposed: bool = False):
     """``(candidates, positives)`` of one ``rows × cols`` tile (positives None without
-    labels)."""
+    labels), or with ``transposed`` the same masks laid out ``cols × rows`` (the
+    symmetric kernel's tile ``(j, i)`` seen from tile ``(i, j)``), built so and not
+    transposed."""
     q_self, q_pos, q_lab = qm
     k_id, k_lab = km
-    valid = (k_id >= 0)[None, :]
-    cand = jnp.broadcast_to(valid, (rows, k_id.shape[0]))
+    if transposed:
+        qa, ka, shape = (lambda v: v[None, :]), (lambda v: v[:, None]), (k_id.shape[0], rows)
+    else:
+        qa, ka, shape = (lambda v: v[:, None]), (lambda v: v[None, :]), (rows, k_id.shape[0])
+    valid = ka(k_id >= 0)
+    cand = jnp.broadcast_to(valid, shape)
     if cfg.exclude_self:
-        cand = cand & (k_id[None, :] != q_self[:, None])
+        cand = cand & (ka(k_id) != qa(q_self))
     if cfg.exclude_pos:
-        cand = cand & (k_id[None, :] != q_pos[:, None])
+        cand = cand & (ka(k_id) != qa(q_pos))
     pos = None
     if cfg.labels:
-        pos = (q_lab[:, None] == k_lab[None, :]) & (k_id[None, :] != q_self[:, None]) & valid
+        pos = (qa(q_lab) == ka(k_lab)) & (ka(k_id) != qa(q_self)) & valid
     return cand, pos
 
 
@@ -189,22 +195,27 @@ def _update_stats(stats, qb, qm, kb, km, scale, cfg: _Cfg):
         q, m_q, (m, s, extra) = args
 
         def col(carry, kargs):
-            m, s, extra = carry
             k, m_k = kargs
-            logits = _logits(q, k, scale)
             cand, pos = _masks(m_q, m_k, q.shape[0], cfg)
-            m_new = jnp.maximum(m, jnp.max(jnp.where(cand, logits, -jnp.inf), axis=1))
-            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            s = s * jnp.exp(m - shift) + jnp.sum(
-                jnp.where(cand, jnp.exp(logits - shift[:, None]), 0.0), axis=1)
-            if extra is not None:
-                extra = (extra[0] + jnp.sum(jnp.where(pos, logits, 0.0), axis=1),
-                         extra[1] + jnp.sum(pos, axis=1).astype(s.dtype))
-            return (m_new, s, extra), None
+            return _fold(carry, _logits(q, k, scale), cand, pos, 1), None
 
         return lax.scan(col, (m, s, extra), (kb, km))[0]
 
     return lax.map(row, (qb, qm, stats))
+
+
+def _fold(stats, logits, cand, pos, axis: int):
+    """Folds one tile of logits into the online ``(max, sum of exp, extra)`` of its rows
+    (``axis=1``) or of its columns (``axis=0``, the symmetric kernel's other half)."""
+    m, s, extra = stats
+    m_new = jnp.maximum(m, jnp.max(jnp.where(cand, logits, -jnp.inf), axis=axis))
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    s = s * jnp.exp(m - shift) + jnp.sum(
+        jnp.where(cand, jnp.exp(logits - jnp.expand_dims(shift, axis)), 0.0), axis=axis)
+    if extra is not None:
+        extra = (extra[0] + jnp.sum(jnp.where(pos, logits, 0.0), axis=axis),
+                 extra[1] + jnp.sum(pos, axis=axis).astype(s.dtype))
+    return m_new, s, extra
 
 
 def _logits(q: jax.Array, k: jax.Array, scale) -> jax.Array:
@@ -440,10 +451,62 @@ def _self_vjp(cfg, z, scale, qm, km):
     return _self_fwd(cfg, z, scale, qm, km)[0]
 
 
+def _pairs(count: int) -> tuple[jax.Array, jax.Array]:
+    """The block pairs ``(i, j)``, ``i < j``, of the strict upper triangle (static)."""
+    i, j = zip(*((i, j) for i in range(count) for j in range(i + 1, count)), strict=True)
+    return jnp.asarray(i, jnp.int32), jnp.asarray(j, jnp.int32)
+
+
+def _take(tree, i):
+    return jax.tree_util.tree_map(lambda x: lax.dynamic_index_in_dim(x, i, 0, False), tree)
+
+
+def _put(tree, i, value):
+    return jax.tree_util.tree_map(
+        lambda x, v: lax.dynamic_update_index_in_dim(x, v, i, 0), tree, value)
+
+
+def _tile_masks(qmb, kmb, i, j, size, cfg):
+    """``(cand, pos)`` of tile ``(i, j)`` (block i's rows against block j's keys) and of
+    tile ``(j, i)`` transposed: the tile's share of block j's rows, padding included."""
+    return (*_masks(_take(qmb, i), _take(kmb, j), size, cfg),
+            *_masks(_take(qmb, j), _take(kmb, i), size, cfg, transposed=True))
+
+
+#: From this many blocks the symmetric kernel computes the diagonal tiles and the upper
+#: triangle only. With two blocks that saves one tile in four for a second set of
+#: reductions (along the columns) and an extra product per tile: NT-Xent with 2N = 2048
+#: gained, DetCon-S's 2048 regions lost (20 -> 27 ms; 2 cores), so below it every tile
+#: is computed; NT-Xent / DCL with 2N = 8192 (8 blocks): 300 -> 265 ms.
+_TRIANGLE_MIN_BLOCKS = 3
+
+
 def _self_fwd(cfg, z, scale, qm, km):
-    qb, qmb, (kb, kmb) = _blocks_of(cfg, z, z, qm, km)
+    """The row statistics. From :data:`_TRIANGLE_MIN_BLOCKS` blocks, from the diagonal
+    tiles and the strict upper triangle: an off-diagonal tile ``L_ij`` gives block i's
+    rows their share and, along its columns, block j's (``L_ji = L_ijᵀ``), so the
+    products and ``exp`` passes of the lower triangle are saved (the columns get their
+    own maxima and ``exp``). Below it, every tile, row by row."""
+    qb, qmb, (_, kmb) = _blocks_of(cfg, z, z, qm, km)
+    nb, size = qb.shape[:2]
     stats = _init_stats(qb, cfg)
-    lse, extra = _finish(_update_stats(stats, qb, qmb, kb, kmb, scale, cfg))
+    if nb < _TRIANGLE_MIN_BLOCKS:
+        stats = _update_stats(stats, qb, qmb, qb, kmb, scale, cfg)
+    else:
+        def diag(args):
+            zi, m_q, m_k, stats = args
+            cand, pos = _masks(m_q, m_k, size, cfg)
+            return _fold(stats, _logits(zi, zi, scale), cand, pos, 1)
+
+        def off(stats, ij):
+            i, j = ij
+            logits = _logits(_take(qb, i), _take(qb, j), scale)
+            cand, pos, cand_t, pos_t = _tile_masks(qmb, kmb, i, j, size, cfg)
+            stats = _put(stats, i, _fold(_take(stats, i), logits, cand, pos, 1))
+            return _put(stats, j, _fold(_take(stats, j), logits, cand_t, pos_t, 0)), None
+
+        stats = lax.scan(off, lax.map(diag, (qb, qmb, kmb, stats)), _pairs(nb))[0]
+    lse, extra = _finish(stats)
     n = z.shape[0]
     lse = _from_blocks(lse, n)
     extra = None if extra is None else tuple(_from_blocks(x, n) for x in extra)
@@ -451,38 +514,75 @@ def _self_fwd(cfg, z, scale, qm, km):
 
 
 def _self_bwd(cfg, res, cts):
+    """``dz = (C + Cᵀ) z · scale`` over the forward's tiles: with the triangle, the
+    coefficients of tile ``(i, j)`` are those of ``(j, i)`` transposed, so an
+    off-diagonal tile is recomputed once and feeds ``dz_i`` (``S z_j``) and ``dz_j``
+    (``Sᵀ z_i``). ``Σ S ⊙ (z_i z_jᵀ) = Σ (S z_j) ⊙ z_i`` gives the scale's cotangent from
+    those products."""
     z, scale, qm, km, lse = res
     g, g_extra = cts
-    qb, qmb, (kb, kmb) = _blocks_of(cfg, z, z, qm, km)
-    nr, br = qb.shape[:2]
-    gb = _to_blocks(g.astype(z.dtype), nr, br, 0)
-    lseb = _to_blocks(lse, nr, br, 0)
-    gpb = None if g_extra is None else _to_blocks(g_extra[0].astype(z.dtype), nr, br, 0)
-    # Row blocks and column blocks are the same partition: column block J's statistics
-    # are row block J's.
-    cols = (kb, kmb, gb, lseb, gpb)
+    qb, qmb, (_, kmb) = _blocks_of(cfg, z, z, qm, km)
+    nb, size = qb.shape[:2]
+    gb = _to_blocks(g.astype(z.dtype), nb, size, 0)
+    lseb = _to_blocks(lse, nb, size, 0)
+    gpb = None if g_extra is None else _to_blocks(g_extra[0].astype(z.dtype), nb, size, 0)
+    rows = (gb, lseb, gpb)
 
-    def row(ds, args):
-        zi, m_q, g_i, lse_i, gp_i = args
+    def sym(zi, zj, masks, row_i, row_j):
+        """``(C + Cᵀ)`` on tile ``(i, j)``: ``g_i e^{L_ij − lse_i}`` on its candidates
+        plus ``g_j e^{L_ij − lse_j}`` on tile (j, i)'s, transposed; positives alike."""
+        cand, pos, cand_t, pos_t = masks
+        (g_i, lse_i, gp_i), (g_j, lse_j, gp_j) = row_i, row_j
+        logits = _logits(zi, zj, scale)
+        c = (jnp.where(cand, g_i[:, None] * jnp.exp(logits - lse_i[:, None]), 0.0)
+             + jnp.where(cand_t, g_j[None, :] * jnp.exp(logits - lse_j[None, :]), 0.0))
+        if pos is not None:
+            c = c + jnp.where(pos, gp_i[:, None], 0.0) + jnp.where(pos_t, gp_j[None, :], 0.0)
+        return c
 
-        def col(carry, jargs):
-            dz, ds = carry
-            zj, m_k, g_j, lse_j, gp_j = jargs
-            gram = _logits(zi, zj, None)
-            logits = scale * gram
-            cand, pos = _masks(m_q, m_k, zi.shape[0], cfg)
-            # (C + Cᵀ)_ij = g_i e^{L_ij − lse_i} + g_j e^{L_ij − lse_j} on candidates
-            sym = jnp.where(cand, g_i[:, None] * jnp.exp(logits - lse_i[:, None])
-                            + g_j[None, :] * jnp.exp(logits - lse_j[None, :]), 0.0)
-            if pos is not None:
-                sym = sym + jnp.where(pos, gp_i[:, None] + gp_j[None, :], 0.0)
-            dz = dz + jnp.matmul(sym, zj)
-            return (dz, ds + jnp.sum(sym * gram)), None
+    def own_masks(m_q, m_k):  # symmetric tiles' masks but for padding rows (z = 0 there)
+        cand, pos = _masks(m_q, m_k, size, cfg)
+        return cand, pos, cand, pos
 
-        (dz, ds_r), _ = lax.scan(col, (jnp.zeros_like(zi), jnp.zeros((), z.dtype)), cols)
-        return ds + ds_r, dz
+    if nb < _TRIANGLE_MIN_BLOCKS:
+        def row(ds, args):
+            zi, m_q, row_i = args
 
-    ds, dz = lax.scan(row, jnp.zeros((), z.dtype), (qb, qmb, gb, lseb, gpb))
+            def col(carry, jargs):
+                dz, ds = carry
+                zj, m_k, row_j = jargs
+                dzi = jnp.matmul(sym(zi, zj, own_masks(m_q, m_k), row_i, row_j), zj)
+                return (dz + dzi, ds + jnp.sum(dzi * zi)), None
+
+            (dz, ds_r), _ = lax.scan(col, (jnp.zeros_like(zi), jnp.zeros((), z.dtype)),
+                                     (qb, kmb, rows))
+            return ds + ds_r, dz
+
+        ds, dz = lax.scan(row, jnp.zeros((), z.dtype), (qb, qmb, rows))
+    else:
+        def diag(args):
+            zi, m_q, m_k, row_i = args
+            dzi = jnp.matmul(sym(zi, zi, own_masks(m_q, m_k), row_i, row_i), zi)
+            return dzi, jnp.sum(dzi * zi)
+
+        # block j's share ``Sᵀ z_i`` accumulates transposed, ``z_iᵀ S`` [D, size]:
+        # XLA:CPU multiplies by a transposed left operand 2.3× slower (1024-row tiles)
+        zt = jnp.swapaxes(qb, 1, 2)
+
+        def off(carry, ij):
+            dz, dzt, ds = carry
+            i, j = ij
+            zi, zj = _take(qb, i), _take(qb, j)
+            c = sym(zi, zj, _tile_masks(qmb, kmb, i, j, size, cfg), _take(rows, i),
+                    _take(rows, j))
+            dzi = jnp.matmul(c, zj)
+            dz = _put(dz, i, _take(dz, i) + dzi)
+            dzt = _put(dzt, j, _take(dzt, j) + jnp.matmul(_take(zt, i), c))
+            return (dz, dzt, ds + 2 * jnp.sum(dzi * zi)), None
+
+        dz, ds = lax.map(diag, (qb, qmb, kmb, rows))
+        dz, dzt, ds = lax.scan(off, (dz, jnp.zeros_like(zt), jnp.sum(ds)), _pairs(nb))[0]
+        dz = dz + jnp.swapaxes(dzt, 1, 2)
     dz = _from_blocks(dz, z.shape[0]) * scale
     return dz, (0.5 * ds).astype(scale.dtype), _none_like(qm), _none_like(km)
 
