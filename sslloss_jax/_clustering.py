@@ -18,6 +18,7 @@ from sslloss_jax._numerics import (
     l2_normalize,
     masked_logsumexp,
     matmul_nt,
+    max_leading,
     soft_cross_entropy,
     sum_leading,
     upcast,
@@ -667,7 +668,7 @@ def _positional_sinkhorn(logits: jax.Array, iterations: int, axis_name: AxisName
     Returns ``Q`` as ``[B, S, K]`` (a transpose its consumers fuse).
     """
     x = jnp.swapaxes(logits, 0, 1)  # [S, B, K]: per position, a [B, K] problem
-    shift = coll.pmax(jnp.max(x, axis=1, keepdims=True), axis_name)  # [S, 1, K]
+    shift = coll.pmax(max_leading(logits)[:, None], axis_name)  # [S, 1, K], batch max
     e = jnp.exp(x - shift)
     hi = lax.Precision.HIGHEST
 

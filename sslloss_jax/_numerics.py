@@ -31,6 +31,7 @@ __all__ = [
     "soft_cross_entropy",
     "cross_view_entropy",
     "sum_leading",
+    "max_leading",
     "mean_leading",
     "broadcast_leading",
     "argmax_first",
@@ -449,6 +450,26 @@ def sum_leading(x: jax.Array, keepdims: bool = False) -> jax.Array:
         return jnp.sum(x, axis=0, keepdims=keepdims)
     out = _sum_leading(x, n)
     return out[None] if keepdims else out
+
+
+def max_leading(x: jax.Array) -> jax.Array:
+    """``jnp.max(x, axis=0)`` (no gradient: for shifts), fast on XLA:CPU: halving
+    ``maximum`` passes down to at most :data:`_MAX_LOOP_ROWS` rows, then a loop over
+    those. A reduction of the leading axis runs 8 ms for CAPI's ``(64, 64, 1024)``
+    logits; the halving passes alone are fast but XLA fuses the last levels into every
+    consumer element (its ``exp``: 15 ms), which the loop's boundary prevents."""
+    x = lax.stop_gradient(x)
+    while x.shape[0] > _MAX_LOOP_ROWS:
+        h = x.shape[0] // 2
+        y = jnp.maximum(x[:h], x[h:2 * h])
+        x = jnp.concatenate([y, x[2 * h:]]) if x.shape[0] % 2 else y
+    if x.shape[0] == 1:
+        return x[0]
+    return lax.fori_loop(1, x.shape[0], lambda i, m: jnp.maximum(m, x[i]), x[0])
+
+
+#: Rows left to :func:`max_leading`'s loop.
+_MAX_LOOP_ROWS = 8
 
 
 def mean_leading(x: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from sslloss_jax._numerics import (
     cross_view_entropy,
     l2_normalize,
     matmul_nt,
+    max_leading,
     mean_leading,
     scaled_logsumexp,
     soft_cross_entropy,
@@ -49,6 +50,14 @@ def test_sum_leading_equals_jnp(shape, keepdims, sum_path):
                                rtol=1e-5, atol=1e-5)
     assert jax.jit(sum_leading, static_argnums=1)(x, keepdims).shape == (
         jnp.sum(x, 0, keepdims=keepdims).shape)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (2, 5), (7, 4, 3), (9, 2), (64, 6), (65, 2, 2)])
+def test_max_leading_equals_jnp(shape):
+    x = jnp.asarray(np.random.default_rng(4).standard_normal(shape), jnp.float32)
+    np.testing.assert_array_equal(max_leading(x), jnp.max(x, axis=0))
+    np.testing.assert_array_equal(jax.jit(max_leading)(x), jnp.max(x, axis=0))
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(max_leading(x)))(x), 0.0)
 
 
 def test_sum_leading_keeps_low_precision_dtype(sum_path):
