@@ -477,7 +477,8 @@ def _tile_masks(qmb, kmb, i, j, size, cfg):
 #: triangle only. With two blocks that saves one tile in four for a second set of
 #: reductions (along the columns) and an extra product per tile: NT-Xent with 2N = 2048
 #: gained, DetCon-S's 2048 regions lost (20 -> 27 ms; 2 cores), so below it every tile
-#: is computed; NT-Xent / DCL with 2N = 8192 (8 blocks): 300 -> 265 ms.
+#: is computed. 2N = 8192 (8 blocks): the kernel alone 300 -> 265 ms, the NT-Xent / DCL
+#: benchmark rows 330 -> 285 / 325 -> 297 ms.
 _TRIANGLE_MIN_BLOCKS = 3
 
 
