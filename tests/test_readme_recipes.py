@@ -80,7 +80,13 @@ def test_recipe_matches_single_device_training(recipe):
 def test_dino_schedule_recipe_never_retraces():
     """The README's DINO step: a traced epoch drives the schedule, one compilation serves
     every epoch, and the result is dino_loss at lightly's temperature for that epoch."""
-    ns = _stateful_recipes(teacher_fn=lambda p, c: c @ p, student_fn=lambda p, c: c @ p)
+    # traces counted by the teacher function (called only while tracing, once per global
+    # crop), not by ``_cache_size()``: jax 0.10.2 stops keeping the C++ fast-path entries
+    # of new jits once 8192 others are alive in the process (jax-ml/jax#39078), which a
+    # long test worker reaches, and the count then reads 0
+    traces = []
+    ns = _stateful_recipes(teacher_fn=lambda p, c: (traces.append(1), c @ p)[1],
+                           student_fn=lambda p, c: c @ p)
     rng = np.random.default_rng(0)
     params = jnp.asarray(rng.standard_normal((6, 16)), jnp.float32)
     crops = [jnp.asarray(rng.standard_normal((4, 6)), jnp.float32) for _ in range(4)]
@@ -95,7 +101,7 @@ def test_dino_schedule_recipe_never_retraces():
         np.testing.assert_allclose(new_state.center, expected_state.center, rtol=1e-6,
                                    atol=1e-7)
         state = new_state
-    assert ns["step"]._cache_size() == 1
+    assert len(traces) == 2  # one trace: its two global crops
 
 
 def test_swav_queue_recipe_under_shard_map_equals_one_device():
@@ -111,8 +117,11 @@ def test_swav_queue_recipe_under_shard_map_equals_one_device():
     steps = [[jnp.asarray(unit(rng.standard_normal((batch, dim))), jnp.float32)
               for _ in range(4)] for _ in range(4)]  # 2 high + 2 low crops per step
 
+    traces = []  # per path; not ``_cache_size()`` (see the DINO recipe's test)
+
     def make(axis_name):
         def run(high, low, protos, queue, step):
+            traces.append(axis_name)
             (loss, queue), grad = jax.value_and_grad(
                 lambda p: swav_step(high, low, p, queue, step, start_step=2,
                                     axis_name=axis_name), has_aux=True)(protos)
@@ -132,7 +141,7 @@ def test_swav_queue_recipe_under_shard_map_equals_one_device():
         assert_tree_close(out[1], out[0], rtol=1e-5, atol=1e-6, err_msg=f"step {i}")
         queues = [o[1] for o in out]
         losses.append(float(out[0][0]))
-        compiled.append((single._cache_size(), sharded._cache_size()))
+        compiled.append((traces.count(None), traces.count("data")))
     assert int(queues[0].filled) == size
     # the queue takes part from step 2 on: the loss differs from the queue-free one there
     no_queue = S.swav_loss([c @ prototypes.T for c in steps[2][:2]],

@@ -90,14 +90,18 @@ def _case(name, seed=0):
 @pytest.mark.parametrize("name", ["moco", "dino", "swav"])
 def test_stateful_steps_train_with_one_compilation(name):
     step, ts, batches = _case(name)
-    jitted = T.jit_step(step)
+    traces = []  # counted while tracing; not ``_cache_size()`` (jax-ml/jax#39078: a long
+    # test worker can reach the 8192 live entries past which new jits keep none)
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return step(*args, **kwargs)
+
+    jitted = T.jit_step(counted)
     ts, losses = _run(jitted, ts, batches[:1])
-    # jit's cache is shared by every wrapper of the same function (other tests in this
-    # process may have compiled it already): the steps after the first add no entry
-    compiled = jitted._cache_size()
     ts, more = _run(jitted, ts, batches[1:])
     losses += more
-    assert jitted._cache_size() == compiled  # traced step counter / schedule: no retrace
+    assert len(traces) == 1  # traced step counter / schedule: no retrace
     assert np.all(np.isfinite(losses)) and losses[0] != losses[-1]
     assert int(ts.step) == len(batches)
     if name == "moco":
