@@ -391,21 +391,23 @@ def _cross_view_bwd(res, g):
 _cross_view.defvjp(_cross_view_parts, _cross_view_bwd)
 
 
-def _pairwise(x: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
-    """``op``-reduction over axis 0 by repeated halving: log2(n) contiguous elementwise
-    passes over shrinking halves (an odd last row is carried to the next level)."""
-    while x.shape[0] > 1:
+def _halve(x: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array],
+           rows: int = 1) -> jax.Array:
+    """``op``-reduction over axis 0 by repeated halving, down to at most ``rows`` rows:
+    contiguous elementwise passes over shrinking halves (an odd last row is carried to the
+    next level)."""
+    while x.shape[0] > rows:
         h = x.shape[0] // 2
         y = op(x[:h], x[h:2 * h])
         x = jnp.concatenate([y, x[2 * h:]]) if x.shape[0] % 2 else y
-    return x[0]
+    return x
 
 
 def _leading_sum(x: jax.Array) -> jax.Array:
     """Σ over axis 0: one add for two rows, else a ``ones @ x`` matrix-vector product
     over the flattened rest (float32 accumulation, full precision on accelerators)."""
     if x.shape[0] <= 2:
-        return _pairwise(x, jnp.add)
+        return _halve(x, jnp.add)[0]
     acc = x.dtype if jnp.finfo(x.dtype).bits >= 32 else jnp.dtype(jnp.float32)
     ones = jnp.ones((x.shape[0],), x.dtype)
     out = jnp.dot(ones, x.reshape(x.shape[0], -1), precision=lax.Precision.HIGHEST,
@@ -458,11 +460,7 @@ def max_leading(x: jax.Array) -> jax.Array:
     those. A reduction of the leading axis runs 8 ms for CAPI's ``(64, 64, 1024)``
     logits; the halving passes alone are fast but XLA fuses the last levels into every
     consumer element (its ``exp``: 15 ms), which the loop's boundary prevents."""
-    x = lax.stop_gradient(x)
-    while x.shape[0] > _MAX_LOOP_ROWS:
-        h = x.shape[0] // 2
-        y = jnp.maximum(x[:h], x[h:2 * h])
-        x = jnp.concatenate([y, x[2 * h:]]) if x.shape[0] % 2 else y
+    x = _halve(lax.stop_gradient(x), jnp.maximum, _MAX_LOOP_ROWS)
     if x.shape[0] == 1:
         return x[0]
     return lax.fori_loop(1, x.shape[0], lambda i, m: jnp.maximum(m, x[i]), x[0])
