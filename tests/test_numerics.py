@@ -284,13 +284,36 @@ def _reference_soft_ce(logits, targets):
     return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_soft_cross_entropy_value_and_gradients(recompute, monkeypatch):
-    monkeypatch.setattr(_numerics, "_RECOMPUTE_BYTES", 2**40 if recompute else 0)
+def _cross_entropy_path(monkeypatch, path: str) -> None:
+    """The cross entropies' three paths: the custom VJP ("recompute"), autodiff past
+    _RECOMPUTE_BYTES ("autodiff"), and the custom VJP with the blocked row statistics of
+    wide rows ("wide": every row counts as wide, blocks of 5 rows of 7 in float64, so
+    12 rows go in blocks of 4, not a divisor at first)."""
+    monkeypatch.setattr(_numerics, "_RECOMPUTE_BYTES", 0 if path == "autodiff" else 2**40)
+    if path == "wide":
+        monkeypatch.setattr(_numerics, "_WIDE_ROW", 1)
+        monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 5 * 7 * 8)
+
+
+def test_row_lse_blocks_match_scaled_logsumexp(monkeypatch):
+    monkeypatch.setattr(_numerics, "_WIDE_ROW", 1)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)) * 30)
+        for rows_per_block in (1, 2, 4, 15, 64):  # 15 rows: blocks of 1, 1, 3, 15, 15
+            monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", rows_per_block * 7 * 8)
+            for t in (0.05, -0.3, 2.0):
+                np.testing.assert_allclose(
+                    jax.jit(_numerics._row_lse)(x, jnp.asarray(t)),
+                    jax.nn.logsumexp(x / t, axis=-1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["recompute", "autodiff", "wide"])
+def test_soft_cross_entropy_value_and_gradients(path, monkeypatch):
+    _cross_entropy_path(monkeypatch, path)
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
-        logits = jnp.asarray(rng.standard_normal((3, 4, 6)) * 2)
-        targets = jnp.asarray(rng.uniform(size=(3, 4, 6)))  # rows need not sum to one
+        logits = jnp.asarray(rng.standard_normal((3, 4, 7)) * 2)
+        targets = jnp.asarray(rng.uniform(size=(3, 4, 7)))  # rows need not sum to one
         w = jnp.asarray(rng.standard_normal((3, 4)))
         assert_matches_reference(soft_cross_entropy, _reference_soft_ce, (logits, targets), w)
         # with a temperature divisor: its gradient too
@@ -300,12 +323,11 @@ def test_soft_cross_entropy_value_and_gradients(recompute, monkeypatch):
                                      (logits, targets, tau), w)
 
 
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("path", ["recompute", "autodiff", "wide"])
 @pytest.mark.parametrize("n_views,n_targets", [(5, 2), (2, 2), (3, 1), (2, 4)])
 def test_cross_view_entropy_is_the_sum_over_other_target_views(n_views, n_targets,
-                                                               recompute, monkeypatch):
-    # both paths: the custom VJP (small logits) and autodiff (past _RECOMPUTE_BYTES)
-    monkeypatch.setattr(_numerics, "_RECOMPUTE_BYTES", 2**40 if recompute else 0)
+                                                               path, monkeypatch):
+    _cross_entropy_path(monkeypatch, path)
     with jax.enable_x64(True):
         rng = np.random.default_rng(n_views * 10 + n_targets)
         logits = jnp.asarray(rng.standard_normal((n_views, 4, 7)) * 2)
