@@ -13,7 +13,13 @@ from jax import lax
 
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
-from sslloss_jax._numerics import cross_view_entropy, soft_cross_entropy, sum_leading, upcast
+from sslloss_jax._numerics import (
+    cross_view_entropy,
+    soft_cross_entropy,
+    softmax_rows,
+    sum_leading,
+    upcast,
+)
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = [
@@ -187,7 +193,7 @@ def dino_loss(
         )
     *blocks32, center = upcast(*t_blocks, *s_blocks, jnp.asarray(state.center))
     t32 = lax.stop_gradient(val.concat_views(tuple(blocks32[:len(t_blocks)])))
-    t_probs = jax.nn.softmax((t32 - center[None, None]) / teacher_temp, axis=-1)
+    t_probs = softmax_rows(t32, teacher_temp, center)
     s32 = tuple(blocks32[len(t_blocks):])
     cross = cross_view_entropy(s32, t_probs, student_temp)  # summed over the pairs
     loss = coll.global_mean(cross, n_terms * shape[0], axis_name)

@@ -307,6 +307,25 @@ def test_row_lse_blocks_match_scaled_logsumexp(monkeypatch):
                     jax.nn.logsumexp(x / t, axis=-1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_softmax_rows_matches_softmax(wide, monkeypatch):
+    if wide:  # every row wide, blocks of 2 rows
+        monkeypatch.setattr(_numerics, "_WIDE_ROW", 1)
+        monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 2 * 7 * 8)
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        x = jnp.asarray(rng.standard_normal((2, 3, 7)) * 5)
+        center = jnp.asarray(rng.standard_normal(7))
+        for t in (0.04, 1.5):
+            got = jax.jit(_numerics.softmax_rows)(x, jnp.asarray(t), center)
+            np.testing.assert_allclose(got, jax.nn.softmax((x - center[None, None]) / t, axis=-1),
+                                       rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(_numerics.softmax_rows(x, 0.5),
+                                   jax.nn.softmax(x / 0.5, axis=-1), rtol=1e-12)
+        check_grads(lambda x, c, t: _numerics.softmax_rows(x, t, c), (x, center,
+                    jnp.asarray(0.7)), order=1, modes=["rev"])
+
+
 @pytest.mark.parametrize("path", ["recompute", "autodiff", "wide"])
 def test_soft_cross_entropy_value_and_gradients(path, monkeypatch):
     _cross_entropy_path(monkeypatch, path)

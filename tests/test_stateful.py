@@ -28,6 +28,28 @@ def test_dino_lightly_values_over_two_calls_and_center():
     np.testing.assert_allclose(fresh, 15.636403, rtol=1e-6)
 
 
+@pytest.mark.parametrize("lists", [False, True])
+def test_dino_wide_rows_path_equals_the_default_one(lists, monkeypatch):
+    """The path of rows of 65536 or more (blocked row statistics, the teacher's softmax
+    from them, the student's softmax recomputed in the backward pass), forced on K = 8:
+    the same loss, center and student gradients as the default path."""
+    from sslloss_jax import _numerics
+
+    teacher, student = (TEACHER, STUDENT) if lists else (np.stack(TEACHER), np.stack(STUDENT))
+    state = S.DINOState(jnp.asarray(_r(9, (8,))))
+
+    def run():
+        f = jax.jit(jax.value_and_grad(lambda s: S.dino_loss(teacher, s, state), has_aux=True))
+        return f(student)
+
+    want = run()
+    monkeypatch.setattr(_numerics, "_WIDE_ROW", 8)
+    monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 4 * 8 * 4)  # 4-row blocks
+    got = run()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
 def test_dino_center_is_read_before_and_updated_after():
     state = S.DINOState(jnp.asarray(_r(9, (8,))))
     loss, new = S.dino_loss(TEACHER, STUDENT, state, center_momentum=0.7)
