@@ -238,7 +238,7 @@ def _patch_inputs(teacher_out, student_out, mask, state, mask_required: bool):
 def _patch_cross_entropy(t, s, center, teacher_temp, student_temp):
     """Per-token CE between the centered, sharpened (stop-gradient) teacher and the student."""
     t32, s32, c = upcast(t, s, center)
-    probs = jax.nn.softmax(lax.stop_gradient(t32 - c[None, None]) / teacher_temp, axis=-1)
+    probs = softmax_rows(lax.stop_gradient(t32), teacher_temp, lax.stop_gradient(c))
     return soft_cross_entropy(s32, probs, student_temp)
 
 

@@ -200,10 +200,13 @@ def _symmetric_lse_bwd(candidates, res, g):
 symmetric_lse.defvjp(_symmetric_lse_fwd, _symmetric_lse_bwd)
 
 
-#: Largest ``logits`` (bytes) for which :func:`soft_cross_entropy` and
-#: :func:`cross_view_entropy` recompute the softmax in their backward pass rather than
-#: storing it (see :func:`cross_view_entropy`).
-_RECOMPUTE_BYTES = 32 * 2**20
+#: Logits above this many bytes, or with rows of :data:`_WIDE_ROW` or more, take their
+#: row statistics in blocks (:func:`_row_lse`; see :func:`cross_view_entropy`).
+_BLOCKED_BYTES = 32 * 2**20
+#: See :data:`_BLOCKED_BYTES`.
+_WIDE_ROW = 65536
+#: About this many bytes of rows per block of :func:`_row_lse`.
+_ROW_BLOCK_BYTES = 4 * 2**20
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -215,50 +218,38 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
     the same value for any non-negative targets (rows need not sum to one, e.g. a sum of
     several views' codes), with one ``exp`` pass forward and one backward instead of the
     ``log_softmax`` materialization (about 1.5× faster on CPU for wide rows, as DINO's
-    K = 65536 and SwaV's 3000 prototypes). Up to :data:`_RECOMPUTE_BYTES` of ``logits``,
-    and for rows of :data:`_WIDE_ROW` or more at any size, a custom VJP keeps only the
-    unscaled ``logits`` (the caller's array: no temporary), the targets and row
-    statistics, and recomputes ``y`` and the softmax in the backward pass (see
+    K = 65536 and SwaV's 3000 prototypes). A custom VJP keeps only the unscaled
+    ``logits`` (the caller's array: no temporary), the targets and row statistics, and
+    recomputes ``y`` and the softmax in the backward pass (see
     :func:`cross_view_entropy`). ``targets`` get gradients too,
     ``g·(lse − y)``, and ``temperature`` one (it may be traced); stop-gradient the targets
     where the loss detaches them.
     """
     logits, targets = upcast(logits, targets)
     t = jnp.asarray(temperature, logits.dtype)
-    if _recompute((logits,)):
-        return _soft_ce(logits, targets, t)
-    return _soft_ce_parts(logits, targets, t)[0]
+    return _soft_ce(logits, targets, t)
 
 
-#: Rows at least this wide take :func:`_row_lse`'s blocked forward, and the cross
-#: entropies recompute their softmax whatever the size (see :func:`cross_view_entropy`).
-_WIDE_ROW = 65536
-#: About this many bytes of rows per block of :func:`_row_lse`.
-_ROW_BLOCK_BYTES = 4 * 2**20
-
-
-def _recompute(blocks: tuple[jax.Array, ...]) -> bool:
-    """Whether the softmax is recomputed in the backward pass (see _RECOMPUTE_BYTES and
-    _WIDE_ROW)."""
-    return (blocks[0].shape[-1] >= _WIDE_ROW
-            or sum(x.size * x.dtype.itemsize for x in blocks) <= _RECOMPUTE_BYTES)
+def _blocked(x: jax.Array) -> bool:
+    """Whether :func:`_row_lse` and :func:`softmax_rows` go in row blocks."""
+    return x.shape[-1] >= _WIDE_ROW or x.size * x.dtype.itemsize > _BLOCKED_BYTES
 
 
 def _row_lse(x: jax.Array, t: jax.Array, center: jax.Array | None = None) -> jax.Array:
-    """:func:`scaled_logsumexp` over the last axis, for the custom VJPs' forward passes
-    (not differentiated). Rows of :data:`_WIDE_ROW` or more go in blocks of about
-    :data:`_ROW_BLOCK_BYTES` (a ``lax.map``), each block's max, ``exp`` and row sums
-    (a product with ones) taken while it is in cache: on XLA:CPU the fused ``exp`` and
-    row sum over DINO's ``[8·64, 65536]`` student logits wrote the ``exp`` out (128 MiB,
-    page-faulted on every call; 160 ms), the blocks take 18 ms. Narrower rows (iBOT++'s
-    8192, SwaV's 3000) are as fast or faster unblocked. ``center``: an optional ``[K]``
-    vector subtracted from every row first (inside the blocks: ``x − center`` is never
-    an array of its own)."""
-    k = x.shape[-1]
-    if k < _WIDE_ROW:
+    """:func:`scaled_logsumexp` of ``x − center`` over the last axis (``center``: an
+    optional ``[K]`` vector), for the custom VJPs' forward passes and detached targets.
+
+    Past :data:`_BLOCKED_BYTES`, or for rows of :data:`_WIDE_ROW` or more, in blocks of
+    about :data:`_ROW_BLOCK_BYTES` (a ``lax.map`` over a reshape), each block's max,
+    ``exp`` and row sums (a product with ones) taken while it is in cache, the center
+    subtracted inside. XLA:CPU's fused ``exp`` and row sum over DINO's ``[8·64, 65536]``
+    student logits wrote the ``exp`` out (128 MiB, page-faulted on every call: 160 ms);
+    the blocks take 18 ms. Smaller arrays with narrower rows are as fast or faster
+    unblocked (SwaV's ``8 × 256 × 3000``: 2.3 against 2.5 ms)."""
+    if not _blocked(x):
         return scaled_logsumexp(
             x if center is None else x - _lead_ones(center, x.ndim), t)
-    lead = x.shape[:-1]
+    lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     size = max(1, min(rows, _ROW_BLOCK_BYTES // (k * x.dtype.itemsize)))
     while rows % size:  # whole blocks of a reshape (a slice would be a copy)
@@ -283,19 +274,21 @@ def _lead_ones(v: jax.Array, ndim: int) -> jax.Array:
 
 def softmax_rows(x: jax.Array, t: jax.typing.ArrayLike,
                  center: jax.Array | None = None) -> jax.Array:
-    """``softmax((x − center) / t)`` over the last axis (DINO's teacher targets; the
-    blocked path is differentiable too, by autodiff of its loop). Rows of
-    :data:`_WIDE_ROW` or more
-    take their logsumexp from :func:`_row_lse`, then one ``exp`` pass writes the
-    probabilities: ``jax.nn.softmax`` wrote the ``exp`` out and scaled it into a second
-    array (DINO's two ``64 × 65536`` teacher views: 28 → 15 ms)."""
+    """``softmax((x − center) / t)`` over the last axis, in >= float32 (DINO's and
+    iBOT's teacher targets; differentiable, the blocked path by autodiff of its loop).
+
+    Where :func:`_row_lse` goes in blocks, the probabilities are ``exp((x − center)/t −
+    lse)`` from its row statistics: one elementwise expression, which XLA fuses into its
+    consumers (the cross entropy's forward product and backward pass) instead of writing
+    it out. ``jax.nn.softmax`` is one fusion that writes the ``exp`` and then the
+    probabilities: iBOT++'s ``64 × 64 × 8192`` teacher, 128 MiB of temporaries then,
+    none now; DINO's two ``64 × 65536`` teacher views, two 32 MiB arrays then."""
     (x,) = upcast(x)
     t = jnp.asarray(t, x.dtype)
     c = 0.0 if center is None else _lead_ones(center, x.ndim)
-    if x.shape[-1] < _WIDE_ROW:
+    if not _blocked(x):
         return jax.nn.softmax((x - c) / t, axis=-1)
-    lse = _row_lse(x, t, center)
-    return jnp.exp((x - c) / t - lse[..., None])
+    return jnp.exp((x - c) / t - _row_lse(x, t, center)[..., None])
 
 
 def _soft_ce_parts(logits, targets, t):
@@ -363,28 +356,27 @@ def cross_view_entropy(logits: jax.Array | tuple[jax.Array, ...], targets: jax.A
     fused multiply-and-row-sum against a ``tot`` broadcast over the views is 7× slower:
     4.3 ms against 0.6 for SwaV's six ``256 × 3000`` low-resolution crops).
 
-    Up to :data:`_RECOMPUTE_BYTES` of ``logits``, and for rows of :data:`_WIDE_ROW` or
-    more at any size, a custom VJP keeps only the unscaled
-    inputs and ``[V, ...]`` row statistics, and its backward writes
-    ``g·(mass·softmax − tot + targets[v])/τ`` in one pass, recomputing ``y`` and the
-    softmax: autodiff stores ``y``, the softmax and a zero-padded copy of the own-view
-    gradient. Every such temporary the size of ``logits`` costs twice on CPU: XLA:CPU
-    allocates its temporaries as one buffer per call, and glibc maps a buffer above
-    32 MiB afresh on every call, each page faulted and zeroed (here ~0.3 ms per MiB).
-    SwaV, 2+6 crops, K = 3000: 76 MiB of temporaries with the per-view targets built,
-    56 with autodiff, 26 with the scaled logits stored, 12 now. Past it, with rows
-    narrower than :data:`_WIDE_ROW` (iBOT++'s ``4096 × 8192``), the pages are mapped on
-    every call anyway and the stored softmax saves an ``exp`` pass (121 ms against 126
-    recomputing). DINO's rows of 65536 recompute at any size, their forward row
-    statistics in blocks (:func:`_row_lse`): 8 + 2 crops of ``64 × 65536``, 113 → 104 ms
-    and 112 → 80 MiB of temporaries.
+    A custom VJP keeps only the unscaled inputs and ``[V, ...]`` row statistics, and its
+    backward writes ``g·(mass·softmax − tot + targets[v])/τ`` in one pass, recomputing
+    ``y`` and the softmax: autodiff stores ``y``, the softmax and a zero-padded copy of
+    the own-view gradient. Every such temporary the size of ``logits`` costs twice on
+    CPU: XLA:CPU allocates its temporaries as one buffer per call, and glibc maps a
+    buffer above 32 MiB afresh on every call, each page faulted and zeroed (here
+    ~0.25 ms per MiB). SwaV, 2+6 crops, K = 3000: 76 MiB of temporaries with the
+    per-view targets built, 56 with autodiff, 26 with the scaled logits stored, 12 now.
+    Past :data:`_BLOCKED_BYTES`, or for rows of :data:`_WIDE_ROW` or more, the forward
+    row statistics are taken in blocks (:func:`_row_lse`), and targets made by
+    :func:`softmax_rows` from such statistics need not be stored: XLA recomputes them
+    inside the forward product and the backward pass where they have no other use.
+    iBOT++'s ``64 × 64 × 8192`` tokens: 128 → 0 MiB of temporaries, 134–144 → 107–113
+    ms (before: autodiff, the student's softmax stored). DINO's 8 + 2 crops of
+    ``64 × 65536``: 112 → 48 MiB (the teacher's probabilities, summed over its views,
+    stay), 111–135 → ~100 ms.
     """
     *cast, targets = upcast(*(logits if isinstance(logits, tuple) else (logits,)), targets)
     blocks = tuple(cast)
     t = jnp.asarray(temperature, targets.dtype)
-    if _recompute(blocks):
-        return _cross_view(blocks, targets, t)
-    return _cross_view_parts(blocks, targets, t)[0]
+    return _cross_view(blocks, targets, t)
 
 
 def _pad_views(x: jax.Array, n: int) -> jax.Array:

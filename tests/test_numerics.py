@@ -285,18 +285,19 @@ def _reference_soft_ce(logits, targets):
 
 
 def _cross_entropy_path(monkeypatch, path: str) -> None:
-    """The cross entropies' three paths: the custom VJP ("recompute"), autodiff past
-    _RECOMPUTE_BYTES ("autodiff"), and the custom VJP with the blocked row statistics of
-    wide rows ("wide": every row counts as wide, blocks of 5 rows of 7 in float64, so
-    12 rows go in blocks of 4, not a divisor at first)."""
-    monkeypatch.setattr(_numerics, "_RECOMPUTE_BYTES", 0 if path == "autodiff" else 2**40)
+    """The cross entropies' row statistics: whole-array ("plain"), or in blocks past
+    _BLOCKED_BYTES ("large") or for rows of _WIDE_ROW or more ("wide"), here forced
+    with blocks of 5 rows of 7 in float64 (so 12 rows go in blocks of 4)."""
+    if path == "large":
+        monkeypatch.setattr(_numerics, "_BLOCKED_BYTES", 0)
     if path == "wide":
         monkeypatch.setattr(_numerics, "_WIDE_ROW", 1)
-        monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 5 * 7 * 8)
+    monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 5 * 7 * 8)
 
 
-def test_row_lse_blocks_match_scaled_logsumexp(monkeypatch):
-    monkeypatch.setattr(_numerics, "_WIDE_ROW", 1)
+@pytest.mark.parametrize("bound", ["_WIDE_ROW", "_BLOCKED_BYTES"])
+def test_row_lse_blocks_match_scaled_logsumexp(bound, monkeypatch):
+    monkeypatch.setattr(_numerics, bound, 0)
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)) * 30)
         for rows_per_block in (1, 2, 4, 15, 64):  # 15 rows: blocks of 1, 1, 3, 15, 15
@@ -305,12 +306,16 @@ def test_row_lse_blocks_match_scaled_logsumexp(monkeypatch):
                 np.testing.assert_allclose(
                     jax.jit(_numerics._row_lse)(x, jnp.asarray(t)),
                     jax.nn.logsumexp(x / t, axis=-1), rtol=1e-12)
+        center = jnp.asarray(np.random.default_rng(1).standard_normal(7) * 30)
+        np.testing.assert_allclose(_numerics._row_lse(x, jnp.asarray(0.5), center),
+                                   jax.nn.logsumexp((x - center[None, None]) / 0.5, -1),
+                                   rtol=1e-12)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_softmax_rows_matches_softmax(wide, monkeypatch):
-    if wide:  # every row wide, blocks of 2 rows
-        monkeypatch.setattr(_numerics, "_WIDE_ROW", 1)
+@pytest.mark.parametrize("blocked", [False, True])
+def test_softmax_rows_matches_softmax(blocked, monkeypatch):
+    if blocked:  # every array in blocks, of 2 rows
+        monkeypatch.setattr(_numerics, "_BLOCKED_BYTES", 0)
         monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 2 * 7 * 8)
     with jax.enable_x64(True):
         rng = np.random.default_rng(5)
@@ -326,7 +331,7 @@ def test_softmax_rows_matches_softmax(wide, monkeypatch):
                     jnp.asarray(0.7)), order=1, modes=["rev"])
 
 
-@pytest.mark.parametrize("path", ["recompute", "autodiff", "wide"])
+@pytest.mark.parametrize("path", ["plain", "large", "wide"])
 def test_soft_cross_entropy_value_and_gradients(path, monkeypatch):
     _cross_entropy_path(monkeypatch, path)
     with jax.enable_x64(True):
@@ -342,7 +347,7 @@ def test_soft_cross_entropy_value_and_gradients(path, monkeypatch):
                                      (logits, targets, tau), w)
 
 
-@pytest.mark.parametrize("path", ["recompute", "autodiff", "wide"])
+@pytest.mark.parametrize("path", ["plain", "large", "wide"])
 @pytest.mark.parametrize("n_views,n_targets", [(5, 2), (2, 2), (3, 1), (2, 4)])
 def test_cross_view_entropy_is_the_sum_over_other_target_views(n_views, n_targets,
                                                                path, monkeypatch):

@@ -185,6 +185,29 @@ def test_ibot_plus_plus_lightly_values_and_center_from_all_tokens():
     np.testing.assert_allclose(hw[0], flat[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["ibot_patch_loss", "ibot_plus_plus_patch_loss"])
+def test_ibot_blocked_path_values_and_gradients(loss, monkeypatch):
+    """The path of large logits (the teacher's softmax from blocked row statistics, the
+    student's cross entropy with them), forced on 2 x 5 x 8 tokens in blocks of 3 rows:
+    lightly's values (as above) and the default path's gradients."""
+    from sslloss_jax import _numerics
+
+    fn = getattr(S, loss)
+    state = S.IBOTState(jnp.asarray(_r(9, (8,))))
+    args = (M2, state) if loss == "ibot_patch_loss" else (state, M2)
+    step = lambda: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda s: fn(T3, s, *args)[0]))(S3)
+    want = step()
+    monkeypatch.setattr(_numerics, "_BLOCKED_BYTES", 0)
+    monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 3 * 8 * 4)
+    got = step()
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+    if loss == "ibot_plus_plus_patch_loss":
+        np.testing.assert_allclose(fn(T3, S3, S.init_ibot_state(8), M2)[0], 31.582901,
+                                   rtol=2e-6)
+
+
 def test_ibot_masked_tokens_only_with_per_image_normalization():
     state = S.init_ibot_state(8)
     loss, new = S.ibot_patch_loss(T3, S3, M2, state)
