@@ -251,9 +251,15 @@ def _row_lse(x: jax.Array, t: jax.Array, center: jax.Array | None = None) -> jax
             x if center is None else x - _lead_ones(center, x.ndim), t)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
+    x2 = x.reshape(rows, k)
     size = max(1, min(rows, _ROW_BLOCK_BYTES // (k * x.dtype.itemsize)))
-    while rows % size:  # whole blocks of a reshape (a slice would be a copy)
-        size -= 1
+    # whole blocks of a reshape (a slice would be a copy), unless the largest divisor of
+    # the rows is far below the block size (a prime count: blocks of one row, one loop
+    # step each); then the whole blocks of a slice and the remainder
+    even = next(d for d in range(size, 0, -1) if rows % d == 0)
+    if 4 * even >= size:
+        size = even
+    full = rows // size
     sign = jnp.where(t < 0, -1.0, 1.0).astype(x.dtype)
     ones = jnp.ones((k,), x.dtype)
 
@@ -264,7 +270,11 @@ def _row_lse(x: jax.Array, t: jax.Array, center: jax.Array | None = None) -> jax
         s = jnp.where(jnp.isfinite(s), s, 0.0)
         return jnp.log(jnp.exp((xb - s) / t) @ ones) + s[:, 0] / t
 
-    return lax.map(block, x.reshape(rows // size, size, k)).reshape(lead)
+    head = x2 if full * size == rows else x2[:full * size]
+    out = lax.map(block, head.reshape(full, size, k)).reshape(-1)
+    if full * size < rows:
+        out = jnp.concatenate([out, block(x2[full * size:])])
+    return out.reshape(lead)
 
 
 def _lead_ones(v: jax.Array, ndim: int) -> jax.Array:

@@ -300,12 +300,15 @@ def test_row_lse_blocks_match_scaled_logsumexp(bound, monkeypatch):
     monkeypatch.setattr(_numerics, bound, 0)
     with jax.enable_x64(True):
         x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 7)) * 30)
-        for rows_per_block in (1, 2, 4, 15, 64):  # 15 rows: blocks of 1, 1, 3, 15, 15
+        prime = x.reshape(-1, 7)[:13]  # 13 rows: blocks of 5 or 8 and a remainder
+        # 15 rows: blocks of 1, 1 (the largest divisor of 15 up to 2), 3, 15, 15
+        for rows_per_block in (1, 2, 4, 5, 8, 15, 64):
             monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", rows_per_block * 7 * 8)
             for t in (0.05, -0.3, 2.0):
-                np.testing.assert_allclose(
-                    jax.jit(_numerics._row_lse)(x, jnp.asarray(t)),
-                    jax.nn.logsumexp(x / t, axis=-1), rtol=1e-12)
+                for a in (x, prime):
+                    np.testing.assert_allclose(
+                        jax.jit(lambda a, t: _numerics._row_lse(a, t))(a, jnp.asarray(t)),
+                        jax.nn.logsumexp(a / t, axis=-1), rtol=1e-12)
         center = jnp.asarray(np.random.default_rng(1).standard_normal(7) * 30)
         np.testing.assert_allclose(_numerics._row_lse(x, jnp.asarray(0.5), center),
                                    jax.nn.logsumexp((x - center[None, None]) / 0.5, -1),
@@ -322,7 +325,7 @@ def test_softmax_rows_matches_softmax(blocked, monkeypatch):
         x = jnp.asarray(rng.standard_normal((2, 3, 7)) * 5)
         center = jnp.asarray(rng.standard_normal(7))
         for t in (0.04, 1.5):
-            got = jax.jit(_numerics.softmax_rows)(x, jnp.asarray(t), center)
+            got = jax.jit(lambda *a: _numerics.softmax_rows(*a))(x, jnp.asarray(t), center)
             np.testing.assert_allclose(got, jax.nn.softmax((x - center[None, None]) / t, axis=-1),
                                        rtol=1e-12, atol=1e-300)
         np.testing.assert_allclose(_numerics.softmax_rows(x, 0.5),
