@@ -72,6 +72,18 @@ def test_dclw_local_weights_is_lightlys_per_rank_softmax():
                                       hyper={"local_weights": True})
 
 
+@pytest.mark.parametrize("name", ["dino_loss", "ibot_plus_plus_patch_loss"])
+def test_teacher_softmax_and_cross_entropy_in_row_blocks(name, monkeypatch):
+    """DINO and iBOT++ with their row statistics in blocks (forced here with 2-row
+    blocks; on by default past 32 MiB of logits or for rows of 65536): shard_map gives
+    the single-device loss, gradients and state."""
+    from sslloss_jax import _numerics
+
+    monkeypatch.setattr(_numerics, "_BLOCKED_BYTES", 0)
+    monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 1)  # one row per block
+    assert_distributed_equivalent(get(name), "shard_map", 4)
+
+
 def test_swav_queue_sinkhorn_in_row_blocks(monkeypatch):
     """SwaV with a queue whose Sinkhorn runs in row-block sweeps (forced here with 2-row
     blocks; on by default past 32 MiB of exp array): the column sums are psum'ed per
