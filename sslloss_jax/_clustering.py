@@ -16,6 +16,7 @@ from sslloss_jax._memory_bank import MemoryBankState, init_memory_bank, memory_b
 from sslloss_jax._numerics import (
     cross_view_entropy,
     l2_normalize,
+    lead_ones,
     masked_logsumexp,
     matmul_nt,
     max_leading,
@@ -146,7 +147,7 @@ def _sinkhorn(logits, log_r, mask, iterations, stable, axis_name, rows=None, sca
     shape = parts[0].shape[:-2] + (sum(p.shape[-2] for p in parts), parts[0].shape[-1])
     dtype = parts[0].dtype
     blocked = math.prod(shape) * jnp.dtype(dtype).itemsize > _BLOCKED_BYTES
-    log_r = log_r.reshape((1,) * (len(shape) - 1) + log_r.shape)
+    log_r = lead_ones(log_r, len(shape))
     n = (jnp.asarray(float(shape[-2] * coll.axis_size(axis_name)), dtype)
          if mask is None else
          coll.psum(jnp.sum(mask.astype(dtype), axis=-1), axis_name)[..., None, None])

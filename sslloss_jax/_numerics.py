@@ -28,6 +28,8 @@ __all__ = [
     "masked_logsumexp",
     "symmetric_lse",
     "scaled_logsumexp",
+    "softmax_rows",
+    "lead_ones",
     "soft_cross_entropy",
     "cross_view_entropy",
     "sum_leading",
@@ -156,13 +158,23 @@ def scaled_logsumexp(x: jax.Array, t: jax.typing.ArrayLike,
     temporary the size of ``x``)."""
     (x,) = upcast(x)
     t = jnp.asarray(t, x.dtype)
-    sign = jnp.where(t < 0, -1.0, 1.0).astype(x.dtype)
     if where is not None:  # masked entries: −inf after the scaling, whatever they held
-        x = jnp.where(where, x, -sign * jnp.inf)
+        x = jnp.where(where, x, -_sign(t, x.dtype) * jnp.inf)
+    return _shifted_lse(x, t, axis, lambda e: jnp.sum(e, axis=axis, keepdims=True))
+
+
+def _sign(t: jax.Array, dtype) -> jax.Array:
+    """−1 for a negative temperature, else 1."""
+    return jnp.where(t < 0, -1.0, 1.0).astype(dtype)
+
+
+def _shifted_lse(x: jax.Array, t: jax.Array, axis, total: Callable) -> jax.Array:
+    """:func:`scaled_logsumexp`'s shifted form, ``total(e)`` summing ``e = exp((x − s)/t)``
+    over ``axis`` (kept) — a reduction, or :func:`_row_lse`'s product with ones."""
+    sign = _sign(t, x.dtype)
     s = lax.stop_gradient(sign * jnp.max(sign * x, axis=axis, keepdims=True))
     s = jnp.where(jnp.isfinite(s), s, 0.0)
-    out = jnp.log(jnp.sum(jnp.exp((x - s) / t), axis=axis, keepdims=True)) + s / t
-    return jnp.squeeze(out, axis)
+    return jnp.squeeze(jnp.log(total(jnp.exp((x - s) / t))) + s / t, axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -248,7 +260,7 @@ def _row_lse(x: jax.Array, t: jax.Array, center: jax.Array | None = None) -> jax
     unblocked (SwaV's ``8 × 256 × 3000``: 2.3 against 2.5 ms)."""
     if not _blocked(x):
         return scaled_logsumexp(
-            x if center is None else x - _lead_ones(center, x.ndim), t)
+            x if center is None else x - lead_ones(center, x.ndim), t)
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
     x2 = x.reshape(rows, k)
@@ -260,15 +272,12 @@ def _row_lse(x: jax.Array, t: jax.Array, center: jax.Array | None = None) -> jax
     if 4 * even >= size:
         size = even
     full = rows // size
-    sign = jnp.where(t < 0, -1.0, 1.0).astype(x.dtype)
     ones = jnp.ones((k,), x.dtype)
 
     def block(xb):
         if center is not None:
             xb = xb - center[None]
-        s = sign * jnp.max(sign * xb, axis=-1, keepdims=True)
-        s = jnp.where(jnp.isfinite(s), s, 0.0)
-        return jnp.log(jnp.exp((xb - s) / t) @ ones) + s[:, 0] / t
+        return _shifted_lse(xb, t, -1, lambda e: (e @ ones)[:, None])
 
     head = x2 if full * size == rows else x2[:full * size]
     out = lax.map(block, head.reshape(full, size, k)).reshape(-1)
@@ -277,7 +286,7 @@ def _row_lse(x: jax.Array, t: jax.Array, center: jax.Array | None = None) -> jax
     return out.reshape(lead)
 
 
-def _lead_ones(v: jax.Array, ndim: int) -> jax.Array:
+def lead_ones(v: jax.Array, ndim: int) -> jax.Array:
     """A ``[K]`` vector as ``[1, …, 1, K]`` of ``ndim`` axes (explicit rank promotion)."""
     return v.reshape((1,) * (ndim - 1) + v.shape)
 
@@ -295,7 +304,7 @@ def softmax_rows(x: jax.Array, t: jax.typing.ArrayLike,
     none now; DINO's two ``64 × 65536`` teacher views, two 32 MiB arrays then."""
     (x,) = upcast(x)
     t = jnp.asarray(t, x.dtype)
-    c = 0.0 if center is None else _lead_ones(center, x.ndim)
+    c = 0.0 if center is None else lead_ones(center, x.ndim)
     if not _blocked(x):
         return jax.nn.softmax((x - c) / t, axis=-1)
     return jnp.exp((x - c) / t - _row_lse(x, t, center)[..., None])

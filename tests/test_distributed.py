@@ -74,7 +74,7 @@ def test_dclw_local_weights_is_lightlys_per_rank_softmax():
 
 @pytest.mark.parametrize("name", ["dino_loss", "ibot_plus_plus_patch_loss"])
 def test_teacher_softmax_and_cross_entropy_in_row_blocks(name, monkeypatch):
-    """DINO and iBOT++ with their row statistics in blocks (forced here with 2-row
+    """DINO and iBOT++ with their row statistics in blocks (forced here with one-row
     blocks; on by default past 32 MiB of logits or for rows of 65536): shard_map gives
     the single-device loss, gradients and state."""
     from sslloss_jax import _numerics
