@@ -15,6 +15,7 @@ from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, init_memory_bank, memory_bank_enqueue
 from sslloss_jax._numerics import (
     cross_view_entropy,
+    divide_by,
     l2_normalize,
     lead_ones,
     masked_logsumexp,
@@ -501,10 +502,14 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
     a, t, p = upcast(a, t, p)
     # matmul_nt's VJP only on one device: under shard_map the replicated prototypes'
     # cotangent must go through autodiff's transpose of the implicit broadcast
+    # the temperatures scale the (few) rows before the products: XLA merges the anchors'
+    # and the targets' products into one, and two scales after it were one logits-sized
+    # operand (divide_by)
+    a = divide_by(a, temperature)
     logits = matmul_nt(a, p) if axis_name is None else a @ p.T
-    anchor_logp = jax.nn.log_softmax(logits / temperature, axis=1)
-    target_logp = jax.nn.log_softmax(
-        lax.stop_gradient(t @ p.T) / (temperature * target_sharpen_temperature), axis=1)
+    anchor_logp = jax.nn.log_softmax(logits, axis=1)
+    t = divide_by(t, temperature * target_sharpen_temperature)
+    target_logp = jax.nn.log_softmax(lax.stop_gradient(t @ p.T), axis=1)
     codes = (sinkhorn(target_logp, iterations=sinkhorn_iterations, epsilon=1.0,
                       axis_name=axis_name) if sinkhorn_iterations else jnp.exp(target_logp))
     n = anchors.shape[0]  # view-major: Σ_v codes·logp_v = codes·Σ_v logp_v, no tiling

@@ -16,6 +16,7 @@ from sslloss_jax import _validation as val
 from sslloss_jax._memory_bank import MemoryBankState, check_memory_bank, memory_bank_enqueue
 from sslloss_jax._numerics import (
     argmax_first,
+    divide_by,
     l2_normalize,
     masked_logsumexp,
     upcast,
@@ -529,9 +530,10 @@ def _co2_divergence(z0, z1, negatives, t_consistency, axis_name):
     b = z0.shape[0]
 
     def pseudo_labels(query, positive, neg_keys, self_mask):
+        query = divide_by(query, t_consistency)  # the logits' scale, on the B rows
         pos = jnp.sum(query * positive, axis=1, keepdims=True)
         neg = query @ neg_keys.T
-        logits = jnp.concatenate([pos, neg], axis=1) / t_consistency
+        logits = jnp.concatenate([pos, neg], axis=1)
         if self_mask is None:
             return jax.nn.log_softmax(logits, axis=1), None
         where = jnp.concatenate([jnp.ones((b, 1), bool), self_mask], axis=1)
@@ -1046,8 +1048,10 @@ def ressl_loss(
     qq, kk = upcast(qq, kk)
     q_hat, k_hat = l2_normalize(qq), lax.stop_gradient(l2_normalize(kk))
     u = lax.stop_gradient(queue.bank).astype(q_hat.dtype)
-    log_q = jax.nn.log_softmax((q_hat @ u.T) / jnp.asarray(temperature_q, q_hat.dtype), axis=1)
-    target = jax.nn.softmax((k_hat @ u.T) / jnp.asarray(temperature_k, q_hat.dtype), axis=1)
+    # scaled rows, then one product each (XLA merges the two products; scales after
+    # them would be one logits-sized operand, see divide_by)
+    log_q = jax.nn.log_softmax(divide_by(q_hat, temperature_q) @ u.T, axis=1)
+    target = jax.nn.softmax(divide_by(k_hat, temperature_k) @ u.T, axis=1)
     loss = coll.global_mean(-jnp.sum(target * log_q), qq.shape[0], axis_name)
     new_queue = memory_bank_enqueue(queue, k_hat, axis_name=axis_name) if update else queue
     return loss, new_queue

@@ -30,6 +30,8 @@ __all__ = [
     "scaled_logsumexp",
     "softmax_rows",
     "lead_ones",
+    "runtime_scalar",
+    "divide_by",
     "soft_cross_entropy",
     "cross_view_entropy",
     "sum_leading",
@@ -144,37 +146,62 @@ def masked_logsumexp(
     (logits,) = upcast(logits)
     if where is None:
         return jax.nn.logsumexp(logits, axis=axis)
-    return scaled_logsumexp(logits, jnp.ones((), logits.dtype), axis, where=where)
+    return scaled_logsumexp(logits, None, axis, where=where)
 
 
-def scaled_logsumexp(x: jax.Array, t: jax.typing.ArrayLike,
+def scaled_logsumexp(x: jax.Array, t: jax.typing.ArrayLike | None,
                      axis: int | tuple[int, ...] = -1, *,
                      where: jax.Array | None = None) -> jax.Array:
     """``logsumexp(x / t, axis)`` (over the ``where`` entries, as
-    :func:`masked_logsumexp`) for a scalar ``t`` of either sign, shifted in ``x``'s units:
-    ``exp((x − s)/t)`` with ``s`` the row max of ``x`` for ``t > 0``, the min for
-    ``t < 0``. So ``x / t`` is never an array of its own: XLA:CPU writes out an operand
-    shared by the max and the sum passes (DINO/SwaV-sized rows 1.5× slower, and a
+    :func:`masked_logsumexp`) for a scalar ``t`` of either sign (``None``: 1), shifted in
+    ``x``'s units: ``exp((x − s)/t)`` with ``s`` the row max of ``x`` for ``t > 0``, the
+    min for ``t < 0``. So ``x / t`` is never an array of its own: XLA:CPU writes out an
+    operand shared by the max and the sum passes (DINO/SwaV-sized rows 1.5× slower, and a
     temporary the size of ``x``)."""
     (x,) = upcast(x)
-    t = jnp.asarray(t, x.dtype)
+    t = None if t is None else jnp.asarray(t, x.dtype)
     if where is not None:  # masked entries: −inf after the scaling, whatever they held
         x = jnp.where(where, x, -_sign(t, x.dtype) * jnp.inf)
     return _shifted_lse(x, t, axis, lambda e: jnp.sum(e, axis=axis, keepdims=True))
 
 
-def _sign(t: jax.Array, dtype) -> jax.Array:
+def _sign(t: jax.Array | None, dtype) -> jax.Array:
     """−1 for a negative temperature, else 1."""
-    return jnp.where(t < 0, -1.0, 1.0).astype(dtype)
+    return jnp.ones((), dtype) if t is None else jnp.where(t < 0, -1.0, 1.0).astype(dtype)
 
 
-def _shifted_lse(x: jax.Array, t: jax.Array, axis, total: Callable) -> jax.Array:
+def _shifted_lse(x: jax.Array, t: jax.Array | None, axis, total: Callable) -> jax.Array:
     """:func:`scaled_logsumexp`'s shifted form, ``total(e)`` summing ``e = exp((x − s)/t)``
-    over ``axis`` (kept) — a reduction, or :func:`_row_lse`'s product with ones."""
+    over ``axis`` (kept) — a reduction, or :func:`_row_lse`'s product with ones. The
+    scaling is by :func:`divide_by` (a runtime scalar inside the fused pass); ``t=None``
+    for none."""
     sign = _sign(t, x.dtype)
     s = lax.stop_gradient(sign * jnp.max(sign * x, axis=axis, keepdims=True))
     s = jnp.where(jnp.isfinite(s), s, 0.0)
-    return jnp.squeeze(jnp.log(total(jnp.exp((x - s) / t))) + s / t, axis)
+    if t is None:
+        return jnp.squeeze(jnp.log(total(jnp.exp(x - s))) + s, axis)
+    return jnp.squeeze(jnp.log(total(jnp.exp(divide_by(x - s, t)))) + s / t, axis)
+
+
+def runtime_scalar(x: jax.typing.ArrayLike) -> jax.Array:
+    """``x`` (a scalar) behind an ``optimization_barrier``: a value XLA cannot constant-fold.
+
+    XLA:CPU (jax 0.10 and 0.12) hands a YNNPACK fusion (a fused elementwise-and-reduce
+    pass) a broadcast compile-time constant as an operand of its own, written out first
+    as an array the size of the pass: ``x / 0.1`` with a Python-float temperature costs
+    a full-size array of 10s on every call (SwaV's ``2 × 256 × 3000`` high-resolution
+    crops under jax 0.10, all eight crops, 24 MiB, under jax 0.12; MSN's ``704 × 1024``
+    logits), where a runtime scalar is broadcast inside the fusion. Differentiable and
+    batchable as the identity.
+    """
+    return lax.optimization_barrier(jnp.asarray(x))
+
+
+def divide_by(x: jax.Array, t: jax.typing.ArrayLike) -> jax.Array:
+    """``x / t`` for a scalar ``t`` (a temperature) as ``x`` times a :func:`runtime_scalar`
+    ``1/t``, so that a constant ``t`` is not written out as an array the size of ``x``
+    (differs from ``x / t`` by rounding only)."""
+    return x * runtime_scalar(1 / jnp.asarray(t, x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -306,8 +333,8 @@ def softmax_rows(x: jax.Array, t: jax.typing.ArrayLike,
     t = jnp.asarray(t, x.dtype)
     c = 0.0 if center is None else lead_ones(center, x.ndim)
     if not _blocked(x):
-        return jax.nn.softmax((x - c) / t, axis=-1)
-    return jnp.exp((x - c) / t - _row_lse(x, t, center)[..., None])
+        return jax.nn.softmax(divide_by(x - c, t), axis=-1)
+    return jnp.exp(divide_by(x - c, t) - _row_lse(x, t, center)[..., None])
 
 
 def _soft_ce_parts(logits, targets, t):

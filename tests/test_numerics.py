@@ -19,6 +19,7 @@ from sslloss_jax._numerics import (
     broadcast_leading,
     cosine_similarity,
     cross_view_entropy,
+    divide_by,
     l2_normalize,
     matmul_nt,
     max_leading,
@@ -278,6 +279,25 @@ def test_scaled_logsumexp_value_and_gradients(t):
             y = -y
             want = jax.nn.logsumexp(y / t, axis=-1)
         np.testing.assert_allclose(scaled_logsumexp(y, jnp.asarray(t)), want, rtol=1e-12)
+
+
+def test_divide_by_is_division_behind_a_barrier():
+    """``divide_by(x, t)`` is ``x / t`` up to rounding, differentiable in both, batchable
+    over ``t``, and its ``1/t`` is an ``optimization_barrier`` operand (not a constant XLA
+    could fold into a full-size array), also for a Python-float ``t`` under ``jit``."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.standard_normal((4, 5)))
+        for t in (0.1, -0.3, 2.0):
+            np.testing.assert_allclose(divide_by(x, t), x / t, rtol=1e-15)
+            np.testing.assert_allclose(jax.jit(lambda x: divide_by(x, t))(x), x / t, rtol=1e-15)
+            check_grads(lambda x, t: jnp.sum(jnp.tanh(divide_by(x, t))),
+                        (x, jnp.asarray(10 * t)), order=2, modes=("fwd", "rev"))
+        ts = jnp.asarray([0.5, 2.0])
+        np.testing.assert_allclose(jax.vmap(lambda t: divide_by(x, t))(ts),
+                                   x[None] / ts[:, None, None], rtol=1e-15)
+    text = jax.jit(lambda x: scaled_logsumexp(x, 0.1)).lower(jnp.ones((2, 3))).as_text()
+    assert "optimization_barrier" in text
 
 
 def _reference_soft_ce(logits, targets):
