@@ -500,12 +500,12 @@ def _msn_terms(anchors, targets, prototypes, target_sharpen_temperature, tempera
             f"got shape {anchors.shape}")
     a, t, p = (l2_normalize(x) for x in (anchors, targets, prototypes))
     a, t, p = upcast(a, t, p)
-    # matmul_nt's VJP only on one device: under shard_map the replicated prototypes'
-    # cotangent must go through autodiff's transpose of the implicit broadcast
     # the temperatures scale the (few) rows before the products: XLA merges the anchors'
     # and the targets' products into one, and two scales after it were one logits-sized
     # operand (divide_by)
     a = divide_by(a, temperature)
+    # matmul_nt's VJP only on one device: under shard_map the replicated prototypes'
+    # cotangent must go through autodiff's transpose of the implicit broadcast
     logits = matmul_nt(a, p) if axis_name is None else a @ p.T
     anchor_logp = jax.nn.log_softmax(logits, axis=1)
     t = divide_by(t, temperature * target_sharpen_temperature)

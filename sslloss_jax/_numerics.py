@@ -190,7 +190,7 @@ def runtime_scalar(x: jax.typing.ArrayLike) -> jax.Array:
     pass) a broadcast compile-time constant as an operand of its own, written out first
     as an array the size of the pass: ``x / 0.1`` with a Python-float temperature costs
     a full-size array of 10s on every call (SwaV's ``2 × 256 × 3000`` high-resolution
-    crops under jax 0.10, all eight crops, 24 MiB, under jax 0.12; MSN's ``704 × 1024``
+    crops under jax 0.10, all eight crops, 23 MiB, under jax 0.12; MSN's ``704 × 1024``
     logits), where a runtime scalar is broadcast inside the fusion. Differentiable and
     batchable as the identity.
     """
