@@ -32,22 +32,27 @@ def test_dino_lightly_values_over_two_calls_and_center():
 def test_dino_wide_rows_path_equals_the_default_one(lists, monkeypatch):
     """The path of rows of 65536 or more (blocked row statistics, the teacher's softmax
     from them, the student's softmax recomputed in the backward pass), forced on K = 8:
-    the same loss, center and student gradients as the default path."""
+    the same loss, center and student gradients as the default path (in float64, so the
+    two paths agree to rounding whatever XLA's fusions)."""
     from sslloss_jax import _numerics
 
-    teacher, student = (TEACHER, STUDENT) if lists else (np.stack(TEACHER), np.stack(STUDENT))
-    state = S.DINOState(jnp.asarray(_r(9, (8,))))
+    f64 = lambda xs: [np.float64(x) for x in xs]  # noqa: E731
+    teacher, student = ((f64(TEACHER), f64(STUDENT)) if lists
+                        else (np.stack(f64(TEACHER)), np.stack(f64(STUDENT))))
 
     def run():
+        state = S.DINOState(jnp.asarray(np.float64(_r(9, (8,)))))
         f = jax.jit(jax.value_and_grad(lambda s: S.dino_loss(teacher, s, state), has_aux=True))
-        return f(student)
+        return f(jax.tree.map(jnp.asarray, student))
 
-    want = run()
-    monkeypatch.setattr(_numerics, "_WIDE_ROW", 8)
-    monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 4 * 8 * 4)  # 4-row blocks
-    got = run()
+    with jax.enable_x64(True):
+        want = run()
+        monkeypatch.setattr(_numerics, "_WIDE_ROW", 8)
+        monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 4 * 8 * 8)  # 4-row blocks
+        got = run()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
 def test_dino_center_is_read_before_and_updated_after():
@@ -189,20 +194,26 @@ def test_ibot_plus_plus_lightly_values_and_center_from_all_tokens():
 def test_ibot_blocked_path_values_and_gradients(loss, monkeypatch):
     """The path of large logits (the teacher's softmax from blocked row statistics, the
     student's cross entropy with them), forced on 2 x 5 x 8 tokens in blocks of 3 rows:
-    lightly's values (as above) and the default path's gradients."""
+    lightly's values (as above) and the default path's values and gradients (in float64,
+    so the two paths agree to rounding whatever XLA's fusions)."""
     from sslloss_jax import _numerics
 
     fn = getattr(S, loss)
-    state = S.IBOTState(jnp.asarray(_r(9, (8,))))
-    args = (M2, state) if loss == "ibot_patch_loss" else (state, M2)
-    step = lambda: jax.jit(jax.value_and_grad(  # noqa: E731
-        lambda s: fn(T3, s, *args)[0]))(S3)
-    want = step()
-    monkeypatch.setattr(_numerics, "_BLOCKED_BYTES", 0)
-    monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 3 * 8 * 4)
-    got = step()
+
+    def step():
+        state = S.IBOTState(jnp.asarray(np.float64(_r(9, (8,)))))
+        args = (M2, state) if loss == "ibot_patch_loss" else (state, M2)
+        return jax.jit(jax.value_and_grad(lambda s: fn(np.float64(T3), s, *args)[0]))(
+            jnp.asarray(np.float64(S3)))
+
+    with jax.enable_x64(True):
+        want = step()
+        monkeypatch.setattr(_numerics, "_BLOCKED_BYTES", 0)
+        monkeypatch.setattr(_numerics, "_ROW_BLOCK_BYTES", 3 * 8 * 8)
+        got = step()
     for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     if loss == "ibot_plus_plus_patch_loss":
         np.testing.assert_allclose(fn(T3, S3, S.init_ibot_state(8), M2)[0], 31.582901,
                                    rtol=2e-6)
