@@ -19,6 +19,7 @@ from sslloss_jax._numerics import (
     divide_by,
     l2_normalize,
     masked_logsumexp,
+    symmetric_lse_linear,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -801,19 +802,36 @@ def _multi_positive_terms(
         return lse, pos_sum / jnp.maximum(n_pos, 1.0), n_pos > 0
     keys = coll.all_gather(z, axis_name)  # (N, D)
     key_labels = coll.all_gather(labels, axis_name)  # (N,)
-    cols = jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :]
-    others = cols != coll.global_rows(z.shape[0], axis_name)[:, None]  # all but the anchor
-    positives = others & (labels[:, None] == key_labels[None, :])  # P(i)
-    candidates = others
-    if sources is not None:
-        key_sources = coll.all_gather(sources, axis_name)
-        candidates = positives | (sources[:, None] != key_sources[None, :])
+    key_sources = None if sources is None else coll.all_gather(sources, axis_name)
+    ids = coll.global_rows(z.shape[0], axis_name)
+    operand = (ids, labels, key_labels, sources, key_sources)
+    positives = _multi_positives(operand)  # P(i)
+    n_pos = jnp.sum(jnp.where(positives, 1.0, 0.0).astype(z.dtype), axis=1)
+    if axis_name is None:  # symmetric logits: a one-product backward pass
+        lse, pos_sum = symmetric_lse_linear(z, t, _multi_positive_candidates, operand,
+                                            positives, jnp.ones_like(n_pos))
+    else:
+        logits = (z @ keys.T) / t
+        lse = masked_logsumexp(logits, _multi_positive_candidates(operand), axis=1)
+        pos_sum = jnp.sum(jnp.where(positives, logits, 0.0), axis=1)
+    return lse, pos_sum / jnp.maximum(n_pos, 1.0), n_pos > 0
 
-    logits = (z @ keys.T) / t
-    lse = masked_logsumexp(logits, candidates, axis=1)
-    n_pos = jnp.sum(positives, axis=1).astype(z.dtype)
-    pos_mean = jnp.sum(jnp.where(positives, logits, 0.0), axis=1) / jnp.maximum(n_pos, 1.0)
-    return lse, pos_mean, n_pos > 0
+
+def _multi_positives(operand) -> jax.Array:
+    """:func:`_multi_positive_terms`' positives ``P(i)`` (anchors × global keys)."""
+    ids, labels, key_labels, _, _ = operand
+    cols = jnp.arange(key_labels.shape[0], dtype=jnp.int32)[None, :]
+    return (cols != ids[:, None]) & (labels[:, None] == key_labels[None, :])
+
+
+def _multi_positive_candidates(operand) -> jax.Array:
+    """:func:`_multi_positive_terms`' denominator ``A(i)``: all but the anchor, or
+    ``P(i)`` and the rows of other sources (symmetric when anchors = keys)."""
+    ids, _, key_labels, sources, key_sources = operand
+    if sources is None:
+        cols = jnp.arange(key_labels.shape[0], dtype=jnp.int32)[None, :]
+        return cols != ids[:, None]
+    return _multi_positives(operand) | (sources[:, None] != key_sources[None, :])
 
 
 class FoviSimCLRTerms(NamedTuple):

@@ -14,7 +14,13 @@ from jax import lax
 from sslloss_jax import _collectives as coll
 from sslloss_jax import _validation as val
 from sslloss_jax._contrastive import _candidates, _check_labels, ntxent_loss
-from sslloss_jax._numerics import l2_normalize, masked_logsumexp, safe_norm, upcast
+from sslloss_jax._numerics import (
+    l2_normalize,
+    masked_logsumexp,
+    safe_norm,
+    symmetric_lse_linear,
+    upcast,
+)
 from sslloss_jax._tiled import DEFAULT_BLOCK_SIZE
 from sslloss_jax._types import ArrayLike, AxisName
 
@@ -215,18 +221,35 @@ def y_aware_infonce_loss(
     self_k = jnp.take_along_axis(k, coll.global_rows(bl, axis_name)[:, None], axis=1)[:, 0]
     # Σ_k w_jk of a row j (either view of sample j): both views' kernels minus the self term
     col_sum = coll.all_gather(2.0 * jnp.sum(k, axis=1) - self_k, axis_name)  # (N,)
-    weights = jnp.tile(k / col_sum[None, :], (2, 2))  # (2B, 2N), rows [z1; z2] local
-
     anchors = l2_normalize(jnp.concatenate([a, b], axis=0))  # (2B, D)
+    t = jnp.asarray(temperature, dtype)
+    rows = jnp.arange(2 * bl, dtype=jnp.int32)
+    if axis_name is None:
+        # Σ_ij w_ij log p_ij = Σ_i lin_i − r_i lse_i with w_ij = k_ij / c_j, k symmetric:
+        # the logits' one-product backward pass (symmetric_lse_linear)
+        inv_c = 1.0 / col_sum
+        # the views' blocks concatenated, not tiled (see symmetric_lse_linear)
+        lse, lin = symmetric_lse_linear(anchors, t, _not_self, rows, jnp.block([[k, k], [k, k]]),
+                                        jnp.concatenate([inv_c, inv_c]))
+        r = 2.0 * (k @ inv_c) - self_k * inv_c  # Σ_{j≠i} w_ij, for either view's row
+        r = jnp.concatenate([r, r])
+        return -(jnp.sum(lin) - jnp.sum(r * lse)) / n
+
+    w = k / col_sum[None, :]
+    weights = jnp.block([[w, w], [w, w]])  # (2B, 2N), rows [z1; z2] local
     keys = l2_normalize(jnp.concatenate([coll.all_gather(a, axis_name),
                                          coll.all_gather(b, axis_name)], axis=0))
-    rows = jnp.arange(2 * bl, dtype=jnp.int32)
     sample = coll.axis_index(axis_name) * bl + rows % bl
     mask = _candidates(rows, rows // bl, sample, n, False)  # all but the anchor itself
-    logits = (anchors @ keys.T) / jnp.asarray(temperature, dtype)
+    logits = (anchors @ keys.T) / t
     log_p = logits - masked_logsumexp(logits, mask, axis=1)[:, None]
     total = jnp.sum(jnp.where(mask, weights * log_p, 0.0))
     return -coll.global_mean(total, bl, axis_name)
+
+
+def _not_self(rows: jax.Array) -> jax.Array:
+    """All pairs but the diagonal (the single-device y-Aware mask, symmetric)."""
+    return rows[:, None] != rows[None, :]
 
 
 def idmm_loss(

@@ -30,6 +30,7 @@ from sslloss_jax._numerics import (
     sum_leading,
     sym_gram,
     symmetric_lse,
+    symmetric_lse_linear,
     unpermute,
 )
 from tests._harness import assert_matches_reference
@@ -405,7 +406,40 @@ def test_cross_view_entropy_is_the_sum_over_other_target_views(n_views, n_target
                 assert_matches_reference(three, reference, (logits, targets), w)
 
 
-@pytest.mark.parametrize("which", ["soft_ce", "cross_view", "symmetric_lse", "matmul_nt"])
+def _pair_mask(mask):
+    return mask
+
+
+@pytest.mark.parametrize("t", [0.3, -0.7])
+def test_symmetric_lse_linear_matches_autodiff_of_the_definition(t):
+    """Both outputs, and gradients in z, τ (either sign), s and c, against autodiff of
+    the plain formula (float64; a symmetric mask with more than the diagonal out)."""
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(True):
+        z = jnp.asarray(rng.standard_normal((6, 4)))
+        out = rng.uniform(size=(6, 6)) < 0.3
+        mask = jnp.asarray(~(out | out.T) & ~np.eye(6, dtype=bool))
+        s0 = rng.uniform(size=(6, 6))
+        s = jnp.asarray(s0 + s0.T)  # symmetric weights
+        c = jnp.asarray(rng.uniform(0.5, 2.0, size=6))
+
+        def reference(z, t, s, c):
+            logits = z @ z.T / t
+            lse = jax.nn.logsumexp(jnp.where(mask, logits, -jnp.inf), axis=1)
+            lin = jnp.sum(jnp.where(mask, s * c[None, :] * logits, 0.0), axis=1)
+            return jnp.concatenate([lse, lin])
+
+        ours = lambda z, t, s, c: jnp.concatenate(  # noqa: E731
+            symmetric_lse_linear(z, t, _pair_mask, mask, s, c))
+        w = jnp.asarray(rng.standard_normal(12))
+        assert_matches_reference(ours, reference, (z, jnp.asarray(t), s, c), w)
+        # its lse is symmetric_lse's
+        np.testing.assert_array_equal(ours(z, jnp.asarray(t), s, c)[:6],
+                                      symmetric_lse(z, jnp.asarray(t), _pair_mask, mask))
+
+
+@pytest.mark.parametrize("which", ["soft_ce", "cross_view", "symmetric_lse",
+                                   "symmetric_lse_linear", "matmul_nt"])
 def test_custom_vjps_under_shard_map_with_replicated_operands(which):
     """A custom VJP inside shard_map (here without an axis_name: a per-device loss, summed
     by the caller) whose replicated operand (temperature, prototypes) meets per-device
@@ -425,6 +459,9 @@ def test_custom_vjps_under_shard_map_with_replicated_operands(which):
         + cross_view_entropy((x[None], x[None]), y[None], t),
         "symmetric_lse": lambda x, y, t, w: jnp.sum(symmetric_lse(
             x, t, lambda _: ~jnp.eye(3, dtype=bool))),
+        "symmetric_lse_linear": lambda x, y, t, w: jnp.sum(jnp.stack(symmetric_lse_linear(
+            x, t, lambda _: ~jnp.eye(3, dtype=bool), None, w[:3, :3] + w[:3, :3].T,
+            w[3, :3])) * jnp.asarray([[1.0], [0.5]])),
         "matmul_nt": lambda x, y, t, w: jnp.sum(jnp.tanh(matmul_nt(x, w) * t)),
     }
     f = fns[which]

@@ -167,6 +167,12 @@ def test_y_aware_check_grads_and_no_label_gradient():
                                                         bandwidth=np.array([1.0, 2.0])))
     check_grads(lambda a, b: f(a, b, y), (z1, z2), order=1, modes=("rev",))
     assert np.all(jax.grad(f, argnums=2)(z1, z2, y) == 0)
+    # a traced bandwidth gets its gradient through the kernel weights (on one device they
+    # enter symmetric_lse_linear's custom VJP), and the views theirs at any bandwidth
+    fh = jax.jit(lambda a, b, h: S.y_aware_infonce_loss(a, b, y, kernel="gaussian",
+                                                        bandwidth=h))
+    check_grads(fh, (z1, z2, jnp.asarray([1.0, 2.0])), order=1, modes=("rev",))
+    assert np.all(np.abs(jax.grad(fh, argnums=2)(z1, z2, jnp.asarray([1.0, 2.0]))) > 0)
 
 
 # ----------------------------------------------------------------------------- quadra
