@@ -239,7 +239,7 @@ def _symmetric_lse_bwd(candidates, res, g):
 def _symmetric_backward(z, temperature, mask, gram, lse, g_lse, extra=None):
     """The one-product backward pass shared by :func:`symmetric_lse` and
     :func:`symmetric_lse_linear`: ``dz = (dL + dLᵀ) z / τ`` with ``dL + dLᵀ`` formed
-    elementwise (the logsumexps' part, plus ``extra(logits)``, the linear term's part),
+    elementwise (the logsumexps' part, plus ``extra``, a linear term's part, if given),
     the temperature's cotangent ``−½ Σ (dL + dLᵀ) ⊙ L / τ``, and the logits ``L``."""
     logits = gram * _reciprocal(temperature)
     sym = (g_lse[:, None] * jnp.exp(logits - lse[:, None])
