@@ -21,7 +21,7 @@ from sslloss_jax._numerics import (
     symmetric_lse_linear,
     upcast,
 )
-from sslloss_jax._tiled import DEFAULT_BLOCK_SIZE
+from sslloss_jax._tiled import DEFAULT_BLOCK_SIZE, _dense_self_mask
 from sslloss_jax._types import ArrayLike, AxisName
 
 __all__ = ["infonce_loss", "y_aware_infonce_loss", "idmm_loss", "KERNELS"]
@@ -229,7 +229,8 @@ def y_aware_infonce_loss(
         # the logits' one-product backward pass (symmetric_lse_linear)
         inv_c = 1.0 / col_sum
         # the views' blocks concatenated, not tiled (see symmetric_lse_linear)
-        lse, lin = symmetric_lse_linear(anchors, t, _not_self, rows, jnp.block([[k, k], [k, k]]),
+        lse, lin = symmetric_lse_linear(anchors, t, _dense_self_mask, (rows, None),
+                                        jnp.block([[k, k], [k, k]]),
                                         jnp.concatenate([inv_c, inv_c]))
         r = 2.0 * (k @ inv_c) - self_k * inv_c  # Σ_{j≠i} w_ij, for either view's row
         r = jnp.concatenate([r, r])
@@ -245,11 +246,6 @@ def y_aware_infonce_loss(
     log_p = logits - masked_logsumexp(logits, mask, axis=1)[:, None]
     total = jnp.sum(jnp.where(mask, weights * log_p, 0.0))
     return -coll.global_mean(total, bl, axis_name)
-
-
-def _not_self(rows: jax.Array) -> jax.Array:
-    """All pairs but the diagonal (the single-device y-Aware mask, symmetric)."""
-    return rows[:, None] != rows[None, :]
 
 
 def idmm_loss(
