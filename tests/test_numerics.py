@@ -24,6 +24,7 @@ from sslloss_jax._numerics import (
     matmul_nt,
     max_leading,
     mean_leading,
+    reduce_halving,
     scaled_logsumexp,
     soft_cross_entropy,
     sort_and_argsort,
@@ -209,7 +210,7 @@ def test_argsort_stable_rejects_integers():
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_argmax_and_argmin_first_equal_jnp(dtype, axis):
     rng = np.random.default_rng(0)
-    x = rng.integers(-3, 4, (7, 9, 5)).astype(dtype)  # many ties
+    x = rng.integers(-3, 4, (7, 37, 5)).astype(dtype)  # many ties; 37: odd halvings
     if jnp.issubdtype(dtype, jnp.floating):
         x[1, 2, :] = np.nan
         x[2, :, 3] = np.nan
@@ -223,6 +224,23 @@ def test_argmax_and_argmin_first_equal_jnp(dtype, axis):
         np.testing.assert_array_equal(got, ref(jnp.asarray(x), axis=axis))
     np.testing.assert_array_equal(jax.vmap(argmax_first)(jnp.asarray(x)),
                                   jnp.argmax(jnp.asarray(x), axis=-1))
+
+
+@pytest.mark.parametrize("width", [1, 8, 9, 37, 64, 1000, 1025])
+def test_reduce_halving_equals_the_reduction(width):
+    """Pairwise halving (odd widths carry their last element; past the widest halved
+    axis the plain reduction) gives the reduction's value, infinities included. (NaN
+    propagation is left to XLA: its own ``max`` of some axes drops a NaN; argmax_first,
+    which handles NaN itself, is tested with them above.)"""
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((3, width, 4)).astype(np.float32)
+    x[2, rng.integers(width), :] = np.inf
+    x[2, rng.integers(width), :] = -np.inf
+    for pair, reduce, ref in ((jnp.maximum, jnp.max, np.max), (jnp.minimum, jnp.min, np.min)):
+        for axis in (1, -1, 0):
+            got = jax.jit(reduce_halving, static_argnums=(1, 2, 3))(jnp.asarray(x), axis,
+                                                                     pair, reduce)
+            np.testing.assert_array_equal(got, ref(x, axis=axis, keepdims=True))
 
 
 @pytest.mark.parametrize("n_views", [1, 2, 8])
