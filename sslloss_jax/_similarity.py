@@ -17,8 +17,8 @@ from sslloss_jax._numerics import (
     cosine_similarity,
     l2_normalize,
     masked_logsumexp,
+    runtime_scalar,
     safe_norm,
-    sym_gram,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -167,16 +167,61 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
     n = b * coll.axis_size(axis_name)
     if n < 2:
         return jnp.zeros((), x.dtype)
+    if axis_name is None:
+        return _pair_lse(x, t_arr.astype(x.dtype)) - math.log(n * (n - 1))
     keys = coll.all_gather(x, axis_name)
     sq_local = jnp.sum(jnp.square(x), axis=1)
     sq_keys = coll.all_gather(sq_local, axis_name)
-    gram = sym_gram(x) if axis_name is None else x @ keys.T  # sym_gram: a 1-product VJP
-    d2 = jnp.maximum(sq_local[:, None] + sq_keys[None, :] - 2.0 * gram, 0.0)
     self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
-    not_self = jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
-    lse = masked_logsumexp(-t_arr * d2, not_self, axis=1)
+    d2 = _sq_dists(sq_local, sq_keys, x @ keys.T)
+    lse = masked_logsumexp(-t_arr * d2, _not_self(self_col, n), axis=1)
     lse = coll.global_logsumexp(jax.nn.logsumexp(lse), axis_name)
     return lse - math.log(n * (n - 1))
+
+
+def _sq_dists(sq_rows: jax.Array, sq_cols: jax.Array, gram: jax.Array) -> jax.Array:
+    """``‖x_i − y_j‖²`` from the squared norms and the Gram matrix, clamped at 0."""
+    return jnp.maximum(sq_rows[:, None] + sq_cols[None, :] - 2.0 * gram, 0.0)
+
+
+def _not_self(self_col: jax.Array, n: int) -> jax.Array:
+    """``[rows, n]``: column j is not row i's own (``self_col[i]``)."""
+    return jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
+
+
+@jax.custom_vjp
+def _pair_lse(x: jax.Array, t: jax.Array) -> jax.Array:
+    """``log Σ_{i≠j} exp(−t‖x_i − x_j‖²)`` over the rows of ``x [n, D]`` (one device).
+
+    The weights ``P_ij = exp(−t·d²_ij − lse)`` of its gradient are symmetric, so the VJP
+    is ``dx = −4t·(r ⊙ x − P x)`` (``r`` the row sums of P) and ``dt = −Σ P ⊙ d²``:
+    one product and no transpose, where autodiff through a symmetric Gram adds ``g + gᵀ``
+    (a transposing pass) and the row logsumexps' own backward passes. Rows are shifted
+    by their maxima as :func:`masked_logsumexp` (stable for any t)."""
+    return _pair_lse_fwd(x, t)[0]
+
+
+def _pair_lse_fwd(x, t):
+    n = x.shape[0]
+    sq = jnp.sum(jnp.square(x), axis=1)
+    d2 = _sq_dists(sq, sq, jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST))
+    not_self = _not_self(jnp.arange(n, dtype=jnp.int32), n)
+    lse = jax.nn.logsumexp(masked_logsumexp(-t * d2, not_self, axis=1))
+    return lse, (x, t, d2, lse)
+
+
+def _pair_lse_bwd(res, g):
+    x, t, d2, lse = res
+    n = x.shape[0]
+    p = jnp.where(_not_self(jnp.arange(n, dtype=jnp.int32), n), jnp.exp(-t * d2 - lse), 0.0)
+    px = jnp.matmul(p, x, precision=lax.Precision.HIGHEST)
+    # the coefficient a runtime scalar: a constant one would be written out as an array
+    # the size of x for the fused product (see runtime_scalar)
+    dx = runtime_scalar(-4.0 * t * g) * (jnp.sum(p, axis=1)[:, None] * x - px)
+    return dx, jnp.reshape(-g * jnp.sum(p * d2), jnp.shape(t)).astype(t.dtype)
+
+
+_pair_lse.defvjp(_pair_lse_fwd, _pair_lse_bwd)
 
 
 def hypersphere_loss(
