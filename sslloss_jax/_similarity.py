@@ -17,6 +17,7 @@ from sslloss_jax._numerics import (
     cosine_similarity,
     l2_normalize,
     masked_logsumexp,
+    reduce_halving,
     runtime_scalar,
     safe_norm,
     upcast,
@@ -197,7 +198,8 @@ def _pair_lse(x: jax.Array, t: jax.Array) -> jax.Array:
     is ``dx = −4t·(r ⊙ x − P x)`` (``r`` the row sums of P) and ``dt = −Σ P ⊙ d²``:
     one product and no transpose, where autodiff through a symmetric Gram adds ``g + gᵀ``
     (a transposing pass) and the row logsumexps' own backward passes. Rows are shifted
-    by their maxima as :func:`masked_logsumexp` (stable for any t)."""
+    by their maxima (stable for any t); the forward pass's shifted ``exp`` is the
+    residual, so ``P`` is a per-row rescaling of it (one ``exp`` pass in all)."""
     return _pair_lse_fwd(x, t)[0]
 
 
@@ -205,15 +207,18 @@ def _pair_lse_fwd(x, t):
     n = x.shape[0]
     sq = jnp.sum(jnp.square(x), axis=1)
     d2 = _sq_dists(sq, sq, jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST))
-    not_self = _not_self(jnp.arange(n, dtype=jnp.int32), n)
-    lse = jax.nn.logsumexp(masked_logsumexp(-t * d2, not_self, axis=1))
-    return lse, (x, t, d2, lse)
+    y = jnp.where(_not_self(jnp.arange(n, dtype=jnp.int32), n), -t * d2, -jnp.inf)
+    top = reduce_halving(y, 1, jnp.maximum, jnp.max)  # [n, 1]; −inf for a lone row
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    e = jnp.exp(y - top)  # 0 on the diagonal
+    rows = jnp.log(jnp.sum(e, axis=1, keepdims=True)) + top
+    lse = jax.nn.logsumexp(rows)
+    return lse, (x, t, d2, e, top, lse)
 
 
 def _pair_lse_bwd(res, g):
-    x, t, d2, lse = res
-    n = x.shape[0]
-    p = jnp.where(_not_self(jnp.arange(n, dtype=jnp.int32), n), jnp.exp(-t * d2 - lse), 0.0)
+    x, t, d2, e, top, lse = res
+    p = e * jnp.exp(top - lse)  # P_ij = exp(−t·d²_ij − lse): a row rescaling of e
     px = jnp.matmul(p, x, precision=lax.Precision.HIGHEST)
     # the coefficient a runtime scalar: a constant one would be written out as an array
     # the size of x for the fused product (see runtime_scalar)
