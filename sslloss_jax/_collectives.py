@@ -56,6 +56,13 @@ def global_rows(local_batch: int, axis_name: AxisName) -> jax.Array:
     return axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
 
 
+def own_columns(local_batch: int, n: int, axis_name: AxisName) -> jax.Array:
+    """``[local_batch, n]`` boolean: column j of the ``n`` gathered rows is local row i
+    itself (``j == global_rows(local_batch)[i]``), the self pairs that a local-rows ×
+    gathered-columns similarity excludes (on one device, the diagonal)."""
+    return global_rows(local_batch, axis_name)[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]
+
+
 def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
     """Concatenates every participant's ``x`` along axis 0 (differentiable).
 

@@ -543,8 +543,7 @@ def _co2_divergence(z0, z1, negatives, t_consistency, axis_name):
 
     if negatives is None:  # the other samples of the (global) batch
         n = b * coll.axis_size(axis_name)
-        self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
-        mask = jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
+        mask = ~coll.own_columns(b, n, axis_name)
         p, where = pseudo_labels(z0, z1, coll.all_gather(z1, axis_name), mask)
         q, _ = pseudo_labels(z1, z0, coll.all_gather(z0, axis_name), mask)
     else:

@@ -173,9 +173,8 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
     keys = coll.all_gather(x, axis_name)
     sq_local = jnp.sum(jnp.square(x), axis=1)
     sq_keys = coll.all_gather(sq_local, axis_name)
-    self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
     d2 = _sq_dists(sq_local, sq_keys, x @ keys.T)
-    lse = masked_logsumexp(-t_arr * d2, _not_self(self_col, n), axis=1)
+    lse = masked_logsumexp(-t_arr * d2, ~coll.own_columns(b, n, axis_name), axis=1)
     lse = coll.global_logsumexp(jax.nn.logsumexp(lse), axis_name)
     return lse - math.log(n * (n - 1))
 
@@ -183,11 +182,6 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
 def _sq_dists(sq_rows: jax.Array, sq_cols: jax.Array, gram: jax.Array) -> jax.Array:
     """``‖x_i − y_j‖²`` from the squared norms and the Gram matrix, clamped at 0."""
     return jnp.maximum(sq_rows[:, None] + sq_cols[None, :] - 2.0 * gram, 0.0)
-
-
-def _not_self(self_col: jax.Array, n: int) -> jax.Array:
-    """``[rows, n]``: column j is not row i's own (``self_col[i]``)."""
-    return jnp.arange(n, dtype=jnp.int32)[None, :] != self_col[:, None]
 
 
 @jax.custom_vjp
@@ -207,7 +201,7 @@ def _pair_lse_fwd(x, t):
     n = x.shape[0]
     sq = jnp.sum(jnp.square(x), axis=1)
     d2 = _sq_dists(sq, sq, jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST))
-    y = jnp.where(_not_self(jnp.arange(n, dtype=jnp.int32), n), -t * d2, -jnp.inf)
+    y = jnp.where(coll.own_columns(n, n, None), -jnp.inf, -t * d2)
     top = reduce_halving(y, 1, jnp.maximum, jnp.max)  # [n, 1]; −inf for a lone row
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     e = jnp.exp(y - top)  # 0 on the diagonal
@@ -297,10 +291,8 @@ def koleo_loss(
                         x.shape)
     z = l2_normalize(x, eps=eps)
     keys = coll.all_gather(z, axis_name)
-    self_col = coll.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
     sim = z @ lax.stop_gradient(keys).T
-    sim = jnp.where(jnp.arange(keys.shape[0], dtype=jnp.int32)[None, :] == self_col[:, None],
-                    -2.0, sim)
+    sim = jnp.where(coll.own_columns(b, keys.shape[0], axis_name), -2.0, sim)
     nn = argmax_first(lax.stop_gradient(sim), axis=1)
     diff = z - keys[nn] + eps
     if p == 2:
