@@ -56,11 +56,11 @@ def global_rows(local_batch: int, axis_name: AxisName) -> jax.Array:
     return axis_index(axis_name) * local_batch + jnp.arange(local_batch, dtype=jnp.int32)
 
 
-def own_columns(local_batch: int, n: int, axis_name: AxisName) -> jax.Array:
-    """``[local_batch, n]`` boolean: column j of the ``n`` gathered rows is local row i
-    itself (``j == global_rows(local_batch)[i]``), the self pairs that a local-rows ×
-    gathered-columns similarity excludes (on one device, the diagonal)."""
-    return global_rows(local_batch, axis_name)[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]
+def own_columns(rows: jax.Array, n: int) -> jax.Array:
+    """``[len(rows), n]`` boolean: column j of ``n`` gathered rows is row i itself
+    (``j == rows[i]``, e.g. ``rows = global_rows(b, axis_name)``), the self pairs that a
+    local-rows × gathered-columns similarity excludes (on one device, the diagonal)."""
+    return rows[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]
 
 
 def all_gather(x: jax.Array, axis_name: AxisName) -> jax.Array:

@@ -543,7 +543,7 @@ def _co2_divergence(z0, z1, negatives, t_consistency, axis_name):
 
     if negatives is None:  # the other samples of the (global) batch
         n = b * coll.axis_size(axis_name)
-        mask = ~coll.own_columns(b, n, axis_name)
+        mask = ~coll.own_columns(coll.global_rows(b, axis_name), n)
         p, where = pseudo_labels(z0, z1, coll.all_gather(z1, axis_name), mask)
         q, _ = pseudo_labels(z1, z0, coll.all_gather(z0, axis_name), mask)
     else:
@@ -819,8 +819,8 @@ def _multi_positive_terms(
 def _multi_positives(operand) -> jax.Array:
     """:func:`_multi_positive_terms`' positives ``P(i)`` (anchors × global keys)."""
     ids, labels, key_labels, _, _ = operand
-    cols = jnp.arange(key_labels.shape[0], dtype=jnp.int32)[None, :]
-    return (cols != ids[:, None]) & (labels[:, None] == key_labels[None, :])
+    others = ~coll.own_columns(ids, key_labels.shape[0])
+    return others & (labels[:, None] == key_labels[None, :])
 
 
 def _multi_positive_candidates(operand) -> jax.Array:
@@ -828,8 +828,7 @@ def _multi_positive_candidates(operand) -> jax.Array:
     ``P(i)`` and the rows of other sources (symmetric when anchors = keys)."""
     ids, _, key_labels, sources, key_sources = operand
     if sources is None:
-        cols = jnp.arange(key_labels.shape[0], dtype=jnp.int32)[None, :]
-        return cols != ids[:, None]
+        return ~coll.own_columns(ids, key_labels.shape[0])
     return _multi_positives(operand) | (sources[:, None] != key_sources[None, :])
 
 

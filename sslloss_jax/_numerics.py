@@ -42,6 +42,7 @@ __all__ = [
     "argmax_first",
     "argmin_first",
     "reduce_halving",
+    "sq_dists",
     "offdiag_sq_sum",
     "cross_diag",
     "nuclear_norm",
@@ -737,6 +738,15 @@ def argmax_first(x: jax.Array, axis: int = -1) -> jax.Array:
 def argmin_first(x: jax.Array, axis: int = -1) -> jax.Array:
     """``jnp.argmin(x, axis)`` the same way (see :func:`argmax_first`)."""
     return _arg_extreme(x, axis, jnp.minimum, jnp.min)
+
+
+def sq_dists(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``‖x_i − y_j‖²`` (``[N, M]`` for ``x [N, D]``, ``y [M, D]``) as
+    ``‖x_i‖² + ‖y_j‖² − 2⟨x_i, y_j⟩`` (one full-precision product), clamped at 0:
+    torch ``cdist``'s matmul form (DSE's k-means, uniformity)."""
+    d2 = (jnp.sum(jnp.square(x), -1)[:, None] + jnp.sum(jnp.square(y), -1)[None, :]
+          - 2.0 * jnp.matmul(x, y.T, precision=lax.Precision.HIGHEST))
+    return jnp.maximum(d2, 0.0)
 
 
 def offdiag_sq_sum(c: jax.Array) -> jax.Array:

@@ -24,6 +24,7 @@ from sslloss_jax._numerics import (
     nuclear_norm,
     safe_norm,
     safe_sqrt,
+    sq_dists,
     sym_gram,
     upcast,
 )
@@ -179,20 +180,13 @@ def patch_kernel_alignment_loss(
 
 
 # ----------------------------------------------------------------------------- DSE
-def _sq_dists(x: jax.Array, c: jax.Array) -> jax.Array:
-    """``‖x_i − c_j‖²`` (``[P, K]``), clamped at 0 (torch ``cdist``'s matmul form)."""
-    d2 = (jnp.sum(jnp.square(x), -1)[:, None] + jnp.sum(jnp.square(c), -1)[None, :]
-          - 2.0 * jnp.matmul(x, c.T, precision=_HIGHEST))
-    return jnp.maximum(d2, 0.0)
-
-
 def _kmeans_pp_init(x: jax.Array, key: jax.Array, k: int) -> jax.Array:
     """k-means++ seeding with D² sampling (lightly's): ``k`` indices into ``x [P, D]``."""
     p = x.shape[0]
     k0, key = jax.random.split(key)
     first = jax.random.randint(k0, (), 0, p, dtype=jnp.int32)
     idx = jnp.zeros((k,), jnp.int32).at[0].set(first)
-    mind2 = _sq_dists(x, x[first][None])[:, 0]
+    mind2 = sq_dists(x, x[first][None])[:, 0]
 
     def body(j, carry):
         idx, mind2 = carry
@@ -200,7 +194,7 @@ def _kmeans_pp_init(x: jax.Array, key: jax.Array, k: int) -> jax.Array:
         prob = jnp.where(jnp.sum(prob) == 0, jnp.full_like(prob, 1.0 / p), prob)
         nxt = jax.random.categorical(jax.random.fold_in(key, j), jnp.log(prob)).astype(jnp.int32)
         idx = idx.at[j].set(nxt)
-        return idx, jnp.minimum(mind2, _sq_dists(x, x[nxt][None])[:, 0])
+        return idx, jnp.minimum(mind2, sq_dists(x, x[nxt][None])[:, 0])
 
     idx, _ = lax.fori_loop(1, k, body, (idx, mind2))
     return idx
@@ -216,7 +210,7 @@ def _kmeans(x: jax.Array, init: jax.Array, key: jax.Array | None, iters: int, to
 
     def body(i, carry):
         c, done = carry
-        labels = argmin_first(_sq_dists(x, c), axis=1)
+        labels = argmin_first(sq_dists(x, c), axis=1)
         onehot = (labels[:, None] == jnp.arange(k)[None, :]).astype(x.dtype)  # [P, K]
         counts = jnp.sum(onehot, axis=0)
         means = jnp.matmul(onehot.T, x, precision=_HIGHEST) / jnp.maximum(counts, 1.0)[:, None]
@@ -229,7 +223,7 @@ def _kmeans(x: jax.Array, init: jax.Array, key: jax.Array | None, iters: int, to
         return jnp.where(done, c, new), done | (shift < tol)
 
     c, _ = lax.fori_loop(0, iters, body, (c0, jnp.asarray(False)))
-    return c, argmin_first(_sq_dists(x, c), axis=1)
+    return c, argmin_first(sq_dists(x, c), axis=1)
 
 
 def _cluster_singular_sums(x: jax.Array, labels: jax.Array, k: int):
@@ -406,7 +400,7 @@ def dse_regularizer(
             rkey = jax.random.fold_in(gkey, 1)
         cents, labels = _kmeans(grp_d, init, rkey, max_kmeans_iters, tol_v)
         if k_g > 1:
-            dist = safe_sqrt(_sq_dists(grp, lax.stop_gradient(cents)))  # [P, K]
+            dist = safe_sqrt(sq_dists(grp, lax.stop_gradient(cents)))  # [P, K]
             own = labels[:, None] == jnp.arange(k_g)[None, :]
             other = jnp.min(jnp.where(own, jnp.inf, dist), axis=1)
             inter_terms.append(jnp.mean(other))

@@ -52,7 +52,7 @@ def _direction(p_x, t_y, t_y_all, t_x_all, mask_x, mask_y, temperature, axis_nam
     """
     b, m = p_x.shape[:2]
     n = t_y_all.shape[0]
-    own = coll.own_columns(b, n, axis_name)  # (B, N): the image itself
+    own = coll.own_columns(coll.global_rows(b, axis_name), n)  # (B, N): the image itself
     same_xy = mask_x[:, :, None] == mask_y[:, None, :]  # (B, M, M)
     same_xx = mask_x[:, :, None] == mask_x[:, None, :]
     excluded = own[:, None, :, None] & same_xx[:, :, None, :]  # (B, M, N, M)

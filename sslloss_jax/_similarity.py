@@ -20,6 +20,7 @@ from sslloss_jax._numerics import (
     reduce_halving,
     runtime_scalar,
     safe_norm,
+    sq_dists,
     upcast,
 )
 from sslloss_jax._types import ArrayLike, AxisName
@@ -171,17 +172,10 @@ def uniformity_loss(x: ArrayLike, *, t: ArrayLike = 2.0, axis_name: AxisName = N
     if axis_name is None:
         return _pair_lse(x, t_arr.astype(x.dtype)) - math.log(n * (n - 1))
     keys = coll.all_gather(x, axis_name)
-    sq_local = jnp.sum(jnp.square(x), axis=1)
-    sq_keys = coll.all_gather(sq_local, axis_name)
-    d2 = _sq_dists(sq_local, sq_keys, x @ keys.T)
-    lse = masked_logsumexp(-t_arr * d2, ~coll.own_columns(b, n, axis_name), axis=1)
+    own = coll.own_columns(coll.global_rows(b, axis_name), n)
+    lse = masked_logsumexp(-t_arr * sq_dists(x, keys), ~own, axis=1)
     lse = coll.global_logsumexp(jax.nn.logsumexp(lse), axis_name)
     return lse - math.log(n * (n - 1))
-
-
-def _sq_dists(sq_rows: jax.Array, sq_cols: jax.Array, gram: jax.Array) -> jax.Array:
-    """``‖x_i − y_j‖²`` from the squared norms and the Gram matrix, clamped at 0."""
-    return jnp.maximum(sq_rows[:, None] + sq_cols[None, :] - 2.0 * gram, 0.0)
 
 
 @jax.custom_vjp
@@ -199,9 +193,8 @@ def _pair_lse(x: jax.Array, t: jax.Array) -> jax.Array:
 
 def _pair_lse_fwd(x, t):
     n = x.shape[0]
-    sq = jnp.sum(jnp.square(x), axis=1)
-    d2 = _sq_dists(sq, sq, jnp.matmul(x, x.T, precision=lax.Precision.HIGHEST))
-    y = jnp.where(coll.own_columns(n, n, None), -jnp.inf, -t * d2)
+    d2 = sq_dists(x, x)
+    y = jnp.where(coll.own_columns(jnp.arange(n, dtype=jnp.int32), n), -jnp.inf, -t * d2)
     top = reduce_halving(y, 1, jnp.maximum, jnp.max)  # [n, 1]; −inf for a lone row
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     e = jnp.exp(y - top)  # 0 on the diagonal
@@ -292,7 +285,8 @@ def koleo_loss(
     z = l2_normalize(x, eps=eps)
     keys = coll.all_gather(z, axis_name)
     sim = z @ lax.stop_gradient(keys).T
-    sim = jnp.where(coll.own_columns(b, keys.shape[0], axis_name), -2.0, sim)
+    sim = jnp.where(coll.own_columns(coll.global_rows(b, axis_name), keys.shape[0]), -2.0,
+                    sim)
     nn = argmax_first(lax.stop_gradient(sim), axis=1)
     diff = z - keys[nn] + eps
     if p == 2:
