@@ -59,7 +59,8 @@ def global_rows(local_batch: int, axis_name: AxisName) -> jax.Array:
 def own_columns(rows: jax.Array, n: int) -> jax.Array:
     """``[len(rows), n]`` boolean: column j of ``n`` gathered rows is row i itself
     (``j == rows[i]``, e.g. ``rows = global_rows(b, axis_name)``), the self pairs that a
-    local-rows × gathered-columns similarity excludes (on one device, the diagonal)."""
+    local-rows × gathered-columns similarity excludes (on one device, the diagonal), or,
+    given the rows' partners' ids, their positives."""
     return rows[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]
 
 

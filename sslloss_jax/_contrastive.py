@@ -54,14 +54,12 @@ def _check_pair(out0: ArrayLike, out1: ArrayLike, axis_name: AxisName):
     return l2_normalize(out0), l2_normalize(out1)
 
 
-def _candidates(rows: jax.Array, view: jax.Array, sample: jax.Array, n: int,
-                exclude_positive: bool) -> jax.Array:
-    """(rows, 2N) mask of the columns of ``[z0_all; z1_all]`` an anchor is contrasted with:
-    all but itself, and (DCL) all but its positive."""
-    cols = jnp.arange(2 * n, dtype=jnp.int32)[None, :]
-    mask = cols != (view * n + sample)[:, None]
-    if exclude_positive:
-        mask &= cols != ((1 - view) * n + sample)[:, None]
+def _candidates(ids: jax.Array, pos: jax.Array | None, cols: int) -> jax.Array:
+    """(rows, cols) mask of the columns of ``[z0_all; z1_all]`` an anchor is contrasted
+    with: all but itself (column ``ids``), and (DCL) all but its positive (``pos``)."""
+    mask = ~coll.own_columns(ids, cols)
+    if pos is not None:
+        mask &= ~coll.own_columns(pos, cols)
     return mask
 
 
@@ -93,7 +91,8 @@ def _two_view_contrastive(
     rows = jnp.arange(2 * b, dtype=jnp.int32)
     view = rows // b
     sample = coll.axis_index(axis_name) * b + rows % b  # global sample index of each anchor
-    ids = tiled.Rows(ids=view * n + sample, pos=(1 - view) * n + sample)
+    self_ids, pos_ids = view * n + sample, (1 - view) * n + sample
+    ids = tiled.Rows(ids=self_ids, pos=pos_ids)
     if axis_name is None:
         lse = tiled.self_lse(anchors, t, ids, exclude_pos=exclude_positive,
                              implementation=implementation, block_size=block_size)
@@ -103,7 +102,7 @@ def _two_view_contrastive(
                                  block_size=block_size, axis_name=axis_name)
     else:
         keys = jnp.concatenate([coll.all_gather(z0, axis_name), coll.all_gather(z1, axis_name)])
-        mask = _candidates(rows, view, sample, n, exclude_positive)
+        mask = _candidates(self_ids, pos_ids if exclude_positive else None, 2 * n)
         lse = masked_logsumexp((anchors @ keys.T) / t, mask, axis=1)
 
     pos = jnp.sum(z0 * z1, axis=1) / t  # (B,)
@@ -519,7 +518,7 @@ def macl_loss(
         lse = tiled.self_lse(anchors, t, tiled.Rows(ids=rows), implementation="dense")
     else:
         lse = masked_logsumexp((anchors @ keys.T) / t,
-                               _candidates(rows, rows // b, sample, n, False), axis=1)
+                               _candidates((rows // b) * n + sample, None, 2 * n), axis=1)
     log_p = jnp.concatenate([pos, pos]) / t - lse
     weight = lax.stop_gradient(1.0 / (1.0 - jnp.exp(log_p) + 1e-8))
     return coll.global_mean(jnp.sum(-weight * log_p), 2 * b, axis_name)

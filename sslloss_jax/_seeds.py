@@ -241,7 +241,7 @@ def y_aware_infonce_loss(
     keys = l2_normalize(jnp.concatenate([coll.all_gather(a, axis_name),
                                          coll.all_gather(b, axis_name)], axis=0))
     sample = coll.axis_index(axis_name) * bl + rows % bl
-    mask = _candidates(rows, rows // bl, sample, n, False)  # all but the anchor itself
+    mask = _candidates((rows // bl) * n + sample, None, 2 * n)  # all but the anchor itself
     logits = (anchors @ keys.T) / t
     log_p = logits - masked_logsumexp(logits, mask, axis=1)[:, None]
     total = jnp.sum(jnp.where(mask, weights * log_p, 0.0))

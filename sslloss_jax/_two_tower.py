@@ -196,7 +196,6 @@ def siglip_loss(
                                              block_size=block_size, axis_name=axis_name)
         return coll.global_mean(-jnp.sum(loglik), rows, axis_name)
     logits = scale * (z_a @ coll.all_gather(z_b, axis_name).T) + jnp.asarray(b, dtype)
-    cols = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :]
-    positive = cols == coll.global_rows(z_a.shape[0], axis_name)[:, None]
+    positive = coll.own_columns(coll.global_rows(z_a.shape[0], axis_name), logits.shape[1])
     loglik = jax.nn.log_sigmoid(jnp.where(positive, logits, -logits))
     return coll.global_mean(-jnp.sum(loglik), z_a.shape[0], axis_name)

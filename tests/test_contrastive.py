@@ -195,7 +195,9 @@ def test_symmetric_vjp_matches_autodiff_path(exclude_positive, tau):
             if impl == "autodiff":
                 z = jnp.concatenate([z0, z1])
                 rows = jnp.arange(10, dtype=jnp.int32)
-                mask = _candidates(rows, rows // 5, rows % 5, 5, exclude_positive)
+                view, sample = rows // 5, rows % 5
+                mask = _candidates(view * 5 + sample,
+                                   (1 - view) * 5 + sample if exclude_positive else None, 10)
                 pos = jnp.concatenate([jnp.sum(z0 * z1, 1)] * 2) / t * w
                 return jnp.mean(masked_logsumexp(z @ z.T / t, mask, axis=1) - pos)
             return _two_view_contrastive(z0, z1, t, None, exclude_positive=exclude_positive,
